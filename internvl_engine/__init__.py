@@ -1,0 +1,40 @@
+"""internvl-engine: inference for the InternVL 1.5 family (InternVL-Chat-V1.5, Mini-InternVL-Chat-2B/4B-V1.5).
+
+The public API mirrors the official model card:
+
+    from internvl_engine import AutoModel, AutoTokenizer, load_image, dynamic_preprocess
+
+Names resolve lazily (PEP 562), so importing a submodule such as `internvl_engine.config` stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "AutoModel": "hf_compat",
+    "AutoTokenizer": "hf_compat",
+    "InternVLChat": "hf_compat",
+    "PromptTooLongError": "hf_compat",
+    "load_image": "image_processor",
+    "dynamic_preprocess": "image_processor",
+    "ImageLoadError": "image_processor",
+    "InternVLConfig": "config",
+    "ConfigError": "config",
+    "GenerationConfig": "sampler",
+    "WeightLoadError": "weights",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module 'internvl_engine' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

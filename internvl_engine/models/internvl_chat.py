@@ -1,0 +1,103 @@
+"""InternVLChatModel: InternViT -> pixel shuffle -> mlp1 -> InternLM2, wired like the official model.
+
+The module only wires layers; `chat`/`batch_chat` live in `hf_compat.py` and the generation loop in
+`generation.py`, so the same model serves the engine later.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import InternVLConfig
+from ..kv_cache import DenseKVCache
+from .intern_vit import InternVisionModel
+from .internlm2 import InternLM2ForCausalLM
+from .projector import Projector, drop_cls_and_shuffle
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [batch, seq, vocab] float32
+    hidden_states: list[torch.Tensor] | None = None
+
+
+class InternVLChatModel(nn.Module):
+    def __init__(self, config: InternVLConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_model = InternVisionModel(config.vision)
+        vit_out = config.vision.hidden_size * config.shuffle_factor ** 2
+        self.mlp1 = Projector(vit_out, config.llm.hidden_size)
+        self.language_model = InternLM2ForCausalLM(config.llm)
+        self.num_image_token = config.num_image_token
+        self.template = config.template
+        self.system_message: str | None = config.system_message
+        self.img_context_token_id: int | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.output.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.output.weight.device
+
+    def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [tiles, 3, 448, 448] -> visual tokens [tiles, 256, llm_hidden]."""
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.vision.num_channels:
+            raise ValueError(f"pixel_values must be [tiles, 3, H, W], got {list(pixel_values.shape)}")
+        pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
+        hidden = self.vision_model(pixel_values, select_layer=self.config.select_layer)
+        shuffled = drop_cls_and_shuffle(hidden, self.config.downsample_ratio, self.config.ps_version)
+        return self.mlp1(shuffled)
+
+    def embed_inputs(self, input_ids: torch.Tensor, vit_embeds: torch.Tensor | None) -> torch.Tensor:
+        """input_ids [batch, seq] -> embeddings [batch, seq, H] with `<IMG_CONTEXT>` rows replaced in order."""
+        embeds = self.language_model.embed(input_ids.to(self.device))
+        if vit_embeds is None:
+            return embeds
+        if self.img_context_token_id is None:
+            raise ValueError("img_context_token_id is unknown: load the model with AutoModel.from_pretrained "
+                             "or set model.img_context_token_id")
+        selected = input_ids.to(self.device) == self.img_context_token_id
+        flat = vit_embeds.reshape(-1, vit_embeds.shape[-1])
+        if int(selected.sum()) != flat.shape[0]:
+            raise ValueError(f"the prompt has {int(selected.sum())} <IMG_CONTEXT> tokens but the images give "
+                             f"{flat.shape[0]} visual tokens ({flat.shape[0] // self.num_image_token} tiles)")
+        embeds = embeds.clone()
+        embeds[selected] = flat.to(embeds.dtype)
+        return embeds
+
+    def forward(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, image_flags: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
+                **ignored) -> CausalLMOutput:
+        """One full forward as the official `forward`: logits [batch, seq, vocab] for every position.
+
+        image_flags [tiles] (or [tiles, 1]) marks real tiles (1) versus padding tiles (0). Positions default
+        to 0..seq-1 as in the official forward; `attention_mask` [batch, seq] masks padded keys.
+        """
+        input_ids = input_ids.to(self.device)
+        batch, seq = input_ids.shape
+        vit_embeds = None
+        if pixel_values is not None:
+            vit_embeds = self.extract_feature(pixel_values)
+            if image_flags is not None:
+                keep = image_flags.reshape(-1).to(self.device) == 1
+                vit_embeds = vit_embeds[keep]
+        embeds = self.embed_inputs(input_ids, vit_embeds)
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, seq, dtype=torch.bool, device=self.device)
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=self.device).expand(batch, seq)
+        cfg = self.config.llm
+        cache = DenseKVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, seq,
+                             embeds.dtype, self.device)
+        cache.begin_forward(attention_mask.to(self.device).bool())
+        result = self.language_model(embeds, position_ids.to(self.device), cache, [seq] * batch,
+                                     output_hidden_states=output_hidden_states)
+        cache.end_forward()
+        hidden, states = result if output_hidden_states else (result, None)
+        return CausalLMOutput(logits=self.language_model.logits(hidden), hidden_states=states)
