@@ -26,7 +26,7 @@ def _device(name: str | None) -> torch.device:
 
 
 def run_turn(model_path: Path, image: Image.Image | str | None, question: str, max_tiles: int | None,
-             max_new_tokens: int, dtype: str, device: torch.device, out=sys.stdout) -> str:
+             max_new_tokens: int, dtype: str, device: torch.device, out=None) -> str:
     """Load, preprocess, encode, prefill and decode once, printing what each stage did and how long it took."""
     from .generation import generate
     from .hf_compat import AutoModel, AutoTokenizer
@@ -34,6 +34,7 @@ def run_turn(model_path: Path, image: Image.Image | str | None, question: str, m
     from .prompt import get_template, prepare_chat_query
     from .sampler import GenerationConfig
 
+    out = out if out is not None else sys.stdout
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     timings: dict[str, float] = {}

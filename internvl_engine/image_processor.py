@@ -181,7 +181,9 @@ def image_to_pixel_values(image: Image.Image, plan: TilePlan, image_size: int = 
         raise ValueError(f"image_to_pixel_values needs an RGB image, got mode {image.mode!r}")
     shape = (plan.num_tiles, 3, image_size, image_size)
     if out is None:
-        out = torch.empty(shape, dtype=torch.float32)
+        # NumPy asks the kernel for transparent huge pages on big buffers (torch.empty does not): filling
+        # a fresh 29-tile (70 MB) output then took ~8 ms here instead of ~29 ms of 4 KiB page faults.
+        out = torch.from_numpy(np.empty(shape, dtype=np.float32))
     elif tuple(out.shape) != shape or out.dtype != torch.float32 or out.device.type != "cpu" \
             or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 CPU tensor of shape {list(shape)}, got "

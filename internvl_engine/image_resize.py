@@ -1,7 +1,7 @@
 """PIL's bicubic resize, bit for bit, split over threads and delivered as blocks of whole tiles.
 
-Resizing dominates host preprocessing (a 4K image: ~190 ms for the 7x4 grid and ~65 ms for the
-thumbnail on one core, against ~12 ms for normalising all 29 tiles), and one PIL call uses one core.
+Resizing dominates host preprocessing (a 4K image on the 2-vCPU dev VM: ~190 ms for the 7x4 grid and
+~65 ms for the thumbnail, against ~12 ms for normalising all 29 tiles), and one PIL call uses one core.
 Pillow resamples separably: one pass along one axis into an 8-bit image, then one along the other axis.
 In a pass, each output row (horizontal pass) or column (vertical pass) depends only on the same input
 row/column, with weights that depend only on the two lengths of the resized axis. So a pass can run in
@@ -36,8 +36,8 @@ T = TypeVar("T")
 
 def pillow_resizes_vertically_first(width: int, height: int, out_width: int, out_height: int) -> bool:
     """Pillow 13's pass order when both passes run: vertical first when the height loses more than
-    twice as many pixels as the width (python-pillow/Pillow#9549), horizontal first otherwise (the only
-    order of earlier releases). Found by probing Pillow 13.0, not from its documentation."""
+    twice as many pixels as the width, horizontal first otherwise. Found by probing Pillow 13.0 (it
+    looks like python-pillow/Pillow#9549; Pillow 12's Resample.c always ran the horizontal pass first)."""
     return out_height < height and height - out_height > 2 * (width - out_width)
 
 
@@ -54,16 +54,16 @@ def _run(pool: Optional[Executor], function: Callable[[int], T], count: int) -> 
     return list(pool.map(function, range(count)))
 
 
-def _split_pass(image: Image.Image, size: tuple[int, int], cuts: list[int], pool: Optional[Executor],
-                finish: Callable[[int, Image.Image], T]) -> list[T]:
-    """Resize `image` along one axis to `size` in bands cut across the other axis at pixel offsets
-    `cuts`; ``finish(offset, band)`` runs on each band in its worker, and its results come back in order."""
+def _split_pass(image: Image.Image, size: tuple[int, int], cuts: list[int], by_rows: bool,
+                pool: Optional[Executor], finish: Callable[[int, Image.Image], T]) -> list[T]:
+    """Resize `image` to `size` along one axis (the width when `by_rows`, else the height; the other
+    length must already match) in bands of rows or columns cut at pixel offsets `cuts`.
+    ``finish(offset, band)`` runs on each band in its worker; its results come back in order."""
     width, height = image.size
-    horizontal = size[1] == height  # only the width changes: bands of rows
 
     def band(i: int) -> T:
         start, stop = cuts[i], cuts[i + 1]
-        if horizontal:
+        if by_rows:
             piece, target = image.crop((0, start, width, stop)), (size[0], stop - start)
         else:
             piece, target = image.crop((start, 0, stop, height)), (stop - start, size[1])
@@ -79,16 +79,17 @@ def _resize_split(image: Image.Image, cols: int, rows: int, tile_size: int, cons
     width, height = image.size
     size = (cols * tile_size, rows * tile_size)
     vertical_first = pillow_resizes_vertically_first(width, height, *size)
+    # Vertical first: columns keep their width through the first pass, then the horizontal pass runs
+    # on bands of whole tile rows. Horizontal first: the other way round.
     middle_size = (width, size[1]) if vertical_first else (size[0], height)
     middle = image
     if middle_size != image.size:
         across = middle_size[0] if vertical_first else middle_size[1]
         middle = Image.new(image.mode, middle_size)
-        for start, band in _split_pass(image, middle_size, _cuts(across, parts), pool, lambda s, b: (s, b)):
+        for start, band in _split_pass(image, middle_size, _cuts(across, parts), not vertical_first, pool,
+                                       lambda start, band: (start, band)):
             middle.paste(band, (start, 0) if vertical_first else (0, start))
-    # Second pass: vertical first means the horizontal pass is left, cut into bands of tile rows.
-    tiles_across = rows if vertical_first else cols
-    tile_cuts = [tile * tile_size for tile in _cuts(tiles_across, parts)]
+    tile_cuts = [tile * tile_size for tile in _cuts(rows if vertical_first else cols, parts)]
 
     def finish(start: int, block: Image.Image) -> None:
         if vertical_first:
@@ -96,7 +97,7 @@ def _resize_split(image: Image.Image, cols: int, rows: int, tile_size: int, cons
         else:
             consume(block, start // tile_size, 0)
 
-    _split_pass(middle, size, tile_cuts, pool, finish)
+    _split_pass(middle, size, tile_cuts, vertical_first, pool, finish)
 
 
 @functools.lru_cache(maxsize=1)

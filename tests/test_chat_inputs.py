@@ -103,3 +103,14 @@ def test_text_only_batch_chat(loaded):
     spec = golden_json(V15)["chat"]["text_single"]
     responses = model.batch_chat(tok, None, [spec["call"]["question"]] * 2, dict(spec["call"]["generation_config"]))
     assert responses == [spec["response"]] * 2
+
+
+def test_forward_drops_tiles_whose_image_flag_is_zero(loaded, one_tile):
+    model, tok = loaded
+    spec = golden_json(V15)["chat"]["image_one_tile"]
+    input_ids = torch.tensor(spec["input_ids"])
+    expected = model(one_tile, input_ids).logits
+    padded = torch.cat([one_tile, torch.zeros_like(one_tile)])
+    logits = model(padded, input_ids, image_flags=torch.tensor([[1], [0]])).logits
+    assert logits.shape == (1, input_ids.shape[1], model.config.llm.vocab_size)
+    assert torch.allclose(logits, expected, atol=1e-5)

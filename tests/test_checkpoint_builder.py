@@ -3,7 +3,6 @@ and an InternLM2-style tokenizer. Golden files are read from ../shared/goldens, 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ from internvl_engine.checkpoint_builder import (MARKER, PRESETS, REMOVE, build_t
                                                 default_demo_checkpoint_dir, ensure_tiny_checkpoint, make_config)
 from internvl_engine.tiny_tokenizer import CHAT_TOKENS, INTERNVL_TOKENS
 
+from golden_utils import goldens_dir
+
 GOLDEN_FOR_PRESET = {"internvl-chat-v1-5": "InternVL-Chat-V1-5-tiny",
                      "mini-internvl-chat-2b-v1-5": "Mini-InternVL-Chat-2B-V1-5-tiny"}
 # Fields that pick sizes, not structure: taken from the golden config to build a golden-sized checkpoint.
@@ -24,16 +25,10 @@ VISION_SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers", "inte
 LLM_SIZES = VISION_SIZES + ("num_key_value_heads", "rope_scaling")
 
 
-def _goldens() -> Path:
-    override = os.environ.get("INTERNVL_GOLDENS")
-    path = Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared" / "goldens"
-    if not (path / "README.md").is_file():
-        pytest.skip(f"goldens not found at {path}; set INTERNVL_GOLDENS")
-    return path
 
 
 def _golden_checkpoint(preset: str) -> Path:
-    return _goldens() / GOLDEN_FOR_PRESET[preset] / "checkpoint"
+    return goldens_dir() / GOLDEN_FOR_PRESET[preset] / "checkpoint"
 
 
 def _read_json(path: Path) -> Any:

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from internvl_engine import AutoModel, AutoTokenizer, load_image
+from internvl_engine.generation import generate
+from internvl_engine.sampler import GenerationConfig
 
 from golden_utils import MODELS, checkpoint, golden_json, golden_tensors, image_path, rel_l2
 from test_golden_model import run_case
@@ -73,19 +75,28 @@ def ntk_cases():
 @pytest.mark.parametrize("case", ntk_cases())
 def test_dynamic_ntk_rotary(case):
     """Scaling picked per forward from the sequence length, as a fresh official module does at every step."""
-    model = AutoModel.from_pretrained(checkpoint(NTK_MODEL), torch_dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint(NTK_MODEL))
+    model, tokenizer = load(NTK_MODEL, torch.float32)
     entry = golden_json(NTK_MODEL, "ntk_fp32")[case]
     tensors = golden_tensors(NTK_MODEL, "ntk_fp32")
-    model.language_model.rotary.max_position_embeddings = entry["max_position_embeddings_override"]
-    ids = tokenizer(entry["prompt"], return_tensors="pt")["input_ids"]
-    assert ids.tolist() == entry["input_ids"]
-    response = model.chat(tokenizer, None, entry["question"], dict(max_new_tokens=len(entry["generated_ids"][0]),
-                                                                   do_sample=False))
-    # `short_after_long_same_object` reuses an official module whose base grew during a longer prompt;
-    # per-request scaling gives the fresh module's result, whose tokens happen to agree.
+    rotary = model.language_model.rotary
+    rotary.max_position_embeddings = entry["max_position_embeddings_override"]
+    try:
+        ids = tokenizer(entry["prompt"], return_tensors="pt")
+        assert ids["input_ids"].tolist() == entry["input_ids"]
+        steps = len(entry["generated_ids"][0])
+        result = generate(model, model.embed_inputs(ids["input_ids"], None), ids["attention_mask"],
+                          GenerationConfig(max_new_tokens=steps), {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id},
+                          tokenizer.pad_token_id, tokenizer.bos_token_id, keep_logits=True)
+        response = model.chat(tokenizer, None, entry["question"], dict(max_new_tokens=steps, do_sample=False))
+        prefill = model(None, ids["input_ids"]).logits
+    finally:
+        rotary.max_position_embeddings = model.config.llm.max_position_embeddings
+    assert result.sequences == entry["generated_ids"]
     assert response == entry["response"]
     if case == "short_after_long_same_object":
+        # The official object kept the base that a longer prompt grew; per-request scaling gives the fresh
+        # module's logits (`short_fresh`), whose greedy tokens happen to agree with it.
+        assert rel_l2(prefill, tensors["ntk.short_fresh.prefill_logits"]) < 1e-4
         return
-    logits = model(None, ids).logits
-    assert rel_l2(logits, tensors[f"ntk.{case}.prefill_logits"]) < 1e-4
+    assert rel_l2(prefill, tensors[f"ntk.{case}.prefill_logits"]) < 1e-4
+    assert rel_l2(torch.stack(result.step_logits), tensors[f"ntk.{case}.step_logits"]) < 1e-4

@@ -1,31 +1,15 @@
 """Prompt building reproduces the text the official chat()/batch_chat() gave the tokenizer (../shared/goldens)."""
 from __future__ import annotations
 
-import json
-import os
-from functools import lru_cache
-from pathlib import Path
-
 import pytest
 
 from internvl_engine.prompt import (IMAGE_PLACEHOLDER, LEGACY_INTERNLM2_SYSTEM_MESSAGE, TEMPLATES, build_prompt,
                                     expand_image_placeholders, get_template, image_tokens, prepare_batch_queries,
                                     prepare_chat_query)
 
-MODELS = ("InternVL-Chat-V1-5-tiny", "Mini-InternVL-Chat-2B-V1-5-tiny")
+from golden_utils import MODELS, golden_json
 
-
-def goldens_dir() -> Path:
-    override = os.environ.get("INTERNVL_GOLDENS")
-    path = Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared" / "goldens"
-    if not (path / "README.md").is_file():
-        raise FileNotFoundError(f"goldens not found at {path}; set INTERNVL_GOLDENS to the shared/goldens folder")
-    return path
-
-
-@lru_cache(maxsize=None)
-def golden(model: str, kind: str = "fp32") -> dict:
-    return json.loads((goldens_dir() / model / f"goldens_{kind}.json").read_text(encoding="utf-8"))
+golden = golden_json
 
 
 def chat_cases() -> list[tuple[str, str]]:

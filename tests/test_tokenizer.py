@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from functools import lru_cache
 from pathlib import Path
@@ -12,21 +11,14 @@ import torch
 
 from internvl_engine.tokenizer import AddedToken, InternLM2Tokenizer
 
-MODELS = ("InternVL-Chat-V1-5-tiny", "Mini-InternVL-Chat-2B-V1-5-tiny")
+from golden_utils import MODELS, golden_json, goldens_dir
+
 STOP = "<|im_end|>"
 
 
-def goldens_dir() -> Path:
-    override = os.environ.get("INTERNVL_GOLDENS")
-    path = Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared" / "goldens"
-    if not (path / "README.md").is_file():
-        raise FileNotFoundError(f"goldens not found at {path}; set INTERNVL_GOLDENS to the shared/goldens folder")
-    return path
 
 
-@lru_cache(maxsize=None)
-def golden(model: str, kind: str = "fp32") -> dict:
-    return json.loads((goldens_dir() / model / f"goldens_{kind}.json").read_text(encoding="utf-8"))
+golden = golden_json
 
 
 @lru_cache(maxsize=None)
