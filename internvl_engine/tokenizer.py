@@ -8,90 +8,24 @@ it exactly, so this module reproduces the parts of that machinery that shape ids
   pieces joined with spaces, and InternLM2's own `convert_tokens_to_string` quirks: a space is put *before the text
   that precedes* a special token, and the English clean-up (" ." -> ".", " 's" -> "'s", ...) always runs there.
 Cutting uses one compiled regex, so a prompt with ~10K `<IMG_CONTEXT>` tokens encodes in milliseconds.
+Reading the checkpoint's tokenizer files and the small value types (`AddedToken`, `BatchEncoding`) live in
+`tokenizer_files`; those names are re-exported here.
 """
 from __future__ import annotations
 
-import json
 import numbers
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import sentencepiece as spm
 import torch
 
-VOCAB_FILE = "tokenizer.model"
-# Order of transformers' SPECIAL_TOKENS_ATTRIBUTES: it fixes the order of `all_special_tokens`.
-_SPECIAL_ATTRS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+from .tokenizer_files import (_SPECIAL_ATTRS, VOCAB_FILE, AddedToken, BatchEncoding, _as_id_list,
+                              clean_up_tokenization, read_tokenizer_files)
+
 _DEFAULT_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
 _PADDING_MODES = {False: False, "do_not_pad": False, True: True, "longest": True}
-_CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
-             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
-
-
-def clean_up_tokenization(text: str) -> str:
-    """transformers' English clean-up; InternLM2 applies it inside every decode, whatever the config says."""
-    for before, after in _CLEANUPS:
-        text = text.replace(before, after)
-    return text
-
-
-@dataclass(frozen=True)
-class AddedToken:
-    """A token matched verbatim in text before sentencepiece runs; the flags control whitespace around it."""
-
-    content: str
-    lstrip: bool = False
-    rstrip: bool = False
-    single_word: bool = False
-    normalized: bool = False
-    special: bool = False
-
-    @classmethod
-    def parse(cls, value: str | dict, special: bool = False) -> "AddedToken":
-        """Read the forms found in tokenizer files: a bare string, or a dict with `content` and flags."""
-        if isinstance(value, str):
-            return cls(value, normalized=not special, special=special)
-        fields = {k: value[k] for k in ("lstrip", "rstrip", "single_word", "normalized", "special") if k in value}
-        return cls(value["content"], **{"special": special, **fields})
-
-
-class BatchEncoding(dict):
-    """The `__call__` result: a dict that also allows `enc.input_ids` and `enc.to(device)`, as HF's does."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def to(self, device: torch.device | str) -> "BatchEncoding":
-        return BatchEncoding({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()})
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-
-
-def _content(value: Any) -> str | None:
-    return value["content"] if isinstance(value, dict) else value
-
-
-def _as_id_list(ids: Any) -> list[int]:
-    """Accept a list, tuple, 1-D tensor/array or a single id; reject batches, which belong to batch_decode."""
-    if hasattr(ids, "tolist"):
-        ids = ids.tolist()
-    if isinstance(ids, numbers.Integral):
-        return [int(ids)]
-    if any(isinstance(i, (list, tuple)) for i in ids):
-        raise ValueError("decode() takes one sequence of ids; use batch_decode() for a batch")
-    return [int(i) for i in ids]
 
 
 class InternLM2Tokenizer:
@@ -132,24 +66,7 @@ class InternLM2Tokenizer:
         accepted and ignored)."""
         folder = Path(path)
         folder = folder.parent if folder.is_file() else folder
-        config = _read_json(folder / "tokenizer_config.json")
-        specials = {k: _content(config[k]) for k in _SPECIAL_ATTRS if k in config}
-        additional = [_content(t) for t in config.get("additional_special_tokens") or []]
-        if "added_tokens_decoder" in config:
-            decoder = {int(i): AddedToken.parse(t) for i, t in config["added_tokens_decoder"].items()}
-        else:  # legacy checkpoints: special_tokens_map.json overrides, added_tokens.json gives the ids
-            special_map = _read_json(folder / "special_tokens_map.json")
-            specials.update({k: _content(v) for k, v in special_map.items() if k in _SPECIAL_ATTRS})
-            additional += [c for c in map(_content, special_map.get("additional_special_tokens", []))
-                           if c not in additional]
-            named = set(additional) | {v for v in specials.values() if v is not None}
-            decoder = {int(i): AddedToken.parse(tok, special=tok in named)
-                       for tok, i in _read_json(folder / "added_tokens.json").items()}
-        return cls(folder / VOCAB_FILE, added_tokens_decoder=decoder, special_tokens=specials,
-                   additional_special_tokens=additional, add_bos_token=config.get("add_bos_token", True),
-                   add_eos_token=config.get("add_eos_token", False),
-                   clean_up_tokenization_spaces=config.get("clean_up_tokenization_spaces", False),
-                   padding_side=config.get("padding_side", "right"))
+        return cls(**read_tokenizer_files(folder))
 
     @staticmethod
     def _load_sentencepiece(model_file: Path) -> spm.SentencePieceProcessor:
