@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .kv_cache import DenseKVCache
+from .paged_kv_cache import PagedKVCache
 from .models.internvl_chat import InternVLChatModel
 from .sampler import GenerationConfig, Sampler
 
@@ -32,6 +33,16 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def make_kv_cache(model: InternVLChatModel, batch: int, capacity: int, dtype: torch.dtype,
+                  device: torch.device) -> DenseKVCache | PagedKVCache:
+    """The torch backend keeps the official dense cache; the triton backend pages it for the decode kernel."""
+    cfg = model.language_model.cfg
+    if model.resolved_backend() == "triton":
+        return PagedKVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, capacity, dtype,
+                            device, use_triton=True)
+    return DenseKVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, capacity, dtype, device)
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """[batch, seq] 0/1 -> positions counted from each row's first real token; padding gets 1 (official)."""
     positions = attention_mask.long().cumsum(-1) - 1
@@ -44,18 +55,16 @@ def generate(model: InternVLChatModel, inputs_embeds: torch.Tensor, attention_ma
              keep_logits: bool = False) -> GenerationResult:
     """inputs_embeds [batch, seq, H], attention_mask [batch, seq] -> generated ids per row."""
     lm = model.language_model
-    llm_cfg = lm.cfg
     batch, seq, _ = inputs_embeds.shape
     device = inputs_embeds.device
     attention_mask = attention_mask.to(device)
-    cache = DenseKVCache(llm_cfg.num_hidden_layers, batch, llm_cfg.num_key_value_heads, llm_cfg.head_dim,
-                         seq + cfg.max_new_tokens, inputs_embeds.dtype, device)
+    cache = make_kv_cache(model, batch, seq + cfg.max_new_tokens, inputs_embeds.dtype, device)
     sampler = Sampler(cfg, device)
     positions = positions_from_mask(attention_mask)
 
     start = time.perf_counter()
     cache.begin_forward(attention_mask.bool())
-    hidden = lm(inputs_embeds, positions, cache, [seq] * batch)
+    hidden = lm(inputs_embeds, positions, cache, cache.rope_lengths())
     cache.end_forward()
     logits = lm.logits(hidden[:, -1])  # [batch, vocab]
     _synchronize(device)
@@ -78,7 +87,7 @@ def generate(model: InternVLChatModel, inputs_embeds: torch.Tensor, attention_ma
             break
         embeds = lm.embed(tokens[:, None])
         cache.begin_forward(torch.ones(batch, 1, dtype=torch.bool, device=device))
-        hidden = lm(embeds, next_positions, cache, [cache.length + 1] * batch)
+        hidden = lm(embeds, next_positions, cache, cache.rope_lengths())
         cache.end_forward()
         logits = lm.logits(hidden[:, -1])
         next_positions = next_positions + 1

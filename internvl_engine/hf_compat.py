@@ -141,7 +141,7 @@ class InternVLChat(InternVLChatModel):
 
 
 class AutoModel:
-    """`AutoModel.from_pretrained(path, torch_dtype=..., device=None, **ignored_hf_kwargs)`."""
+    """`AutoModel.from_pretrained(path, torch_dtype=..., device=None, backend="auto", **ignored_hf_kwargs)`."""
 
     _IGNORED = {"low_cpu_mem_usage", "trust_remote_code", "use_flash_attn", "load_in_8bit", "device_map",
                 "revision", "local_files_only", "attn_implementation"}
@@ -149,13 +149,15 @@ class AutoModel:
     @classmethod
     def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None, progress: bool | None = None,
-                        **kwargs: Any) -> InternVLChat:
+                        backend: str = "auto", **kwargs: Any) -> InternVLChat:
+        """backend: "torch" (reference path), "triton" (kernels) or "auto" (triton on CUDA, torch on CPU)."""
         unknown = set(kwargs) - cls._IGNORED
         if unknown:
             warnings.warn(f"AutoModel.from_pretrained ignores {sorted(unknown)}", stacklevel=2)
         if kwargs.get("load_in_8bit"):
             raise ValueError("load_in_8bit is not supported yet; load in bfloat16 or float16")
-        return load_model(path, dtype=torch_dtype, device=device, progress=progress, model_class=InternVLChat)
+        model = load_model(path, dtype=torch_dtype, device=device, progress=progress, model_class=InternVLChat)
+        return model.set_backend(backend)
 
 
 class AutoTokenizer:

@@ -55,6 +55,11 @@ class DenseKVCache:
             values = values.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask)
 
+    def rope_lengths(self) -> list[int]:
+        """Each row's KV length once this forward is stored (all rows share the padded time axis, as in the
+        official batch, so the dynamic-NTK base is the same for every row)."""
+        return [self.length + self._num_new] * self.key_valid.shape[0]
+
     def end_forward(self) -> None:
         self.length += self._num_new
         self._num_new = 0

@@ -57,7 +57,7 @@ class VisionAttention(nn.Module):
             self.k_norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_eps)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
         tiles, tokens, width = x.shape
         qkv = self.qkv(x).reshape(tiles, tokens, 3, width)  # split as (3, heads, head_dim)
         q, k, v = qkv.unbind(2)  # each [tiles, tokens, C]
@@ -66,7 +66,12 @@ class VisionAttention(nn.Module):
             k = self.k_norm(k)
         # [tiles, heads, tokens, head_dim]
         q, k, v = (t.reshape(tiles, tokens, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)  # non-causal, scale head_dim ** -0.5
+        if use_triton:
+            from ..kernels.vit_attention import vit_attention
+
+            out = vit_attention(q, k, v)  # [tiles, heads, tokens, d] view of [tiles, tokens, heads, d] memory
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # non-causal, scale head_dim ** -0.5
         return self.proj(out.transpose(1, 2).reshape(tiles, tokens, width))
 
 
@@ -91,8 +96,8 @@ class VisionEncoderLayer(nn.Module):
         self.mlp = VisionMLP(cfg)
         self.ls2 = nn.Parameter(torch.ones(cfg.hidden_size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x).to(x.dtype)) * self.ls1
+    def forward(self, x: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x).to(x.dtype), use_triton) * self.ls1
         return x + self.mlp(self.norm2(x).to(x.dtype)) * self.ls2
 
 
@@ -110,7 +115,8 @@ class InternVisionModel(nn.Module):
         self.encoder = VisionEncoder(cfg)
 
     def forward(self, pixel_values: torch.Tensor, select_layer: int = -1,
-                return_all_hidden_states: bool = False) -> torch.Tensor | list[torch.Tensor]:
+                return_all_hidden_states: bool = False, use_triton: bool = False
+                ) -> torch.Tensor | list[torch.Tensor]:
         """pixel_values [tiles, 3, H, W] -> hidden states [tiles, 1025, C] of `select_layer`.
 
         Hidden state 0 is the embeddings and i the output of layer i-1 (official `hidden_states`), so
@@ -122,6 +128,6 @@ class InternVisionModel(nn.Module):
         states = [hidden]
         last = num_layers if return_all_hidden_states else index
         for layer in self.encoder.layers[:last]:
-            hidden = layer(hidden)
+            hidden = layer(hidden, use_triton)
             states.append(hidden)
         return states if return_all_hidden_states else states[index]

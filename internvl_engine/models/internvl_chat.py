@@ -5,6 +5,7 @@ The module only wires layers; `chat`/`batch_chat` live in `hf_compat.py` and the
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,13 @@ from ..kv_cache import DenseKVCache
 from .intern_vit import InternVisionModel
 from .internlm2 import InternLM2ForCausalLM
 from .projector import Projector, drop_cls_and_shuffle
+
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 @dataclass
@@ -35,6 +43,19 @@ class InternVLChatModel(nn.Module):
         self.template = config.template
         self.system_message: str | None = config.system_message
         self.img_context_token_id: int | None = None
+        self.backend = "auto"
+
+    def set_backend(self, backend: str) -> "InternVLChatModel":
+        """"torch" (the reference), "triton" (the kernels), or "auto" (triton on CUDA, torch elsewhere)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        return self
+
+    def resolved_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "triton" if self.device.type == "cuda" and triton_available() else "torch"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -49,9 +70,16 @@ class InternVLChatModel(nn.Module):
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.vision.num_channels:
             raise ValueError(f"pixel_values must be [tiles, 3, H, W], got {list(pixel_values.shape)}")
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
-        hidden = self.vision_model(pixel_values, select_layer=self.config.select_layer)
-        shuffled = drop_cls_and_shuffle(hidden, self.config.downsample_ratio, self.config.ps_version)
-        return self.mlp1(shuffled)
+        use_triton = self.resolved_backend() == "triton"
+        hidden = self.vision_model(pixel_values, select_layer=self.config.select_layer, use_triton=use_triton)
+        if not use_triton:
+            shuffled = drop_cls_and_shuffle(hidden, self.config.downsample_ratio, self.config.ps_version)
+            return self.mlp1(shuffled)
+        from ..kernels.pixel_unshuffle import pixel_unshuffle_layernorm
+
+        norm = self.mlp1[0]
+        normed = pixel_unshuffle_layernorm(hidden, norm.weight, norm.bias, norm.eps, self.config.ps_version)
+        return self.mlp1.after_norm(normed)
 
     def embed_inputs(self, input_ids: torch.Tensor, vit_embeds: torch.Tensor | None) -> torch.Tensor:
         """input_ids [batch, seq] -> embeddings [batch, seq, H] with `<IMG_CONTEXT>` rows replaced in order."""

@@ -39,3 +39,7 @@ class Projector(nn.Sequential):
             nn.Linear(llm_hidden, llm_hidden),
         )
 
+    def after_norm(self, normed: torch.Tensor) -> torch.Tensor:
+        """The projector past its LayerNorm (for the fused pixel-unshuffle + LayerNorm kernel)."""
+        return self[3](self[2](self[1](normed)))
+
