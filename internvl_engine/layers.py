@@ -76,19 +76,32 @@ class RotaryEmbedding(nn.Module):
         ratio = factor * seq_len / self.max_position_embeddings - (factor - 1)
         return self.theta * ratio ** (self.head_dim / (self.head_dim - 2))
 
-    def cos_sin(self, positions: torch.Tensor, rope_lengths: list[int], dtype: torch.dtype
+    def cos_sin(self, positions: torch.Tensor, rope_lengths: list[int] | torch.Tensor, dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [batch, seq] int64, one rope length per row -> cos, sin [batch, 1, seq, head_dim] in `dtype`."""
+        """positions [batch, seq] int64 -> cos, sin [batch, 1, seq, head_dim] in `dtype`.
+
+        rope_lengths: one KV length per row (list), or per token ([batch, seq] tensor, for a flattened batch
+        of several requests); it only matters past max_position_embeddings (dynamic NTK)."""
         device = positions.device
-        bases = [self.base_for_length(n) for n in rope_lengths]
-        if len(set(bases)) == 1:
-            inv = self.inv_freq(bases[0], device).unsqueeze(0)  # [1, d/2]
+        if isinstance(rope_lengths, torch.Tensor):
+            longest = int(rope_lengths.max()) if rope_lengths.numel() else 0
+            if self.base_for_length(longest) == self.theta:
+                inv = self.inv_freq(self.theta, device)[None, None]  # [1, 1, d/2]: no token is scaled
+            else:
+                bases = torch.tensor([self.base_for_length(n) for n in range(longest + 1)], dtype=torch.float32,
+                                     device=device)[rope_lengths.long()]  # [batch, seq]
+                exponent = torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim
+                inv = 1.0 / (bases[..., None] ** exponent)  # [batch, seq, d/2]
         else:
-            inv = torch.stack([self.inv_freq(b, device) for b in bases])  # [batch, d/2]
+            bases = [self.base_for_length(n) for n in rope_lengths]
+            if len(set(bases)) == 1:
+                inv = self.inv_freq(bases[0], device)[None, None]  # [1, 1, d/2]
+            else:
+                inv = torch.stack([self.inv_freq(b, device) for b in bases])[:, None]  # [batch, 1, d/2]
         t = positions.to(torch.float32)
         if self.scaling is not None and self.scaling.type == "linear":
             t = t / self.scaling.factor
-        freqs = t.unsqueeze(-1) * inv.unsqueeze(1)  # [batch, seq, d/2]
+        freqs = t.unsqueeze(-1) * inv  # [batch, seq, d/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
 

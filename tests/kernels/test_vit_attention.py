@@ -55,6 +55,7 @@ def test_seq_1025_fp32_ieee_dots_large_blocks():
     (3, 5, 113, 32),
     (1, 3, 65, 64),    # InternViT-300M head_dim
     (2, 1, 33, 128),   # InternViT-6B head_dim
+    (1, 25, 33, 16),   # InternViT-6B head count (25: odd, not a power of two)
 ])
 def test_matches_sdpa(tiles, heads, seq, head_dim, dtype):
     q, k, v = model_qkv(tiles, heads, seq, head_dim, dtype, seed=seq + heads)
