@@ -24,6 +24,9 @@ _EXPORTS = {
     "ConfigError": "config",
     "GenerationConfig": "sampler",
     "WeightLoadError": "weights",
+    "LLM": "engine",
+    "RequestOutput": "engine",
+    "SamplingParams": "sampling_params",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,0 +1,149 @@
+"""The continuous-batching engine gives the sequential `chat` path's greedy tokens, under any batching."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import pytest
+import torch
+
+from internvl_engine import AutoModel, AutoTokenizer, load_image
+from internvl_engine.engine import LLM
+from internvl_engine.generation import generate
+from internvl_engine.prompt import get_template, prepare_chat_query
+from internvl_engine.sampler import GenerationConfig
+from internvl_engine.sampling_params import SamplingParams
+
+from golden_utils import MODELS, checkpoint, image_path
+
+MIXED = [  # (question, [(image, max_tiles)], max_tokens)
+    ("Hello, who are you?", [], 12),
+    ("<image>\nWhat is shown in this image?", [("sq448", 12)], 10),  # 1 tile
+    ("<image>\nDescribe the image.", [("land800x600", 6)], 8),  # 6 tiles + thumbnail
+    ("<image>\nDescribe every tile.", [("fhd1920x1080", 12)], 6),  # 12 tiles + thumbnail
+    ("Image-1: <image>\nImage-2: <image>\nCompare them.", [("sq448", 12), ("tall300x1200", 6)], 9),
+    ("Tell me a story.", [], 16),
+    ("What is in the picture?", [("tiesmall175x100", 6)], 7),  # no tag: chat adds <image>
+    ("<image>\nCount the stripes.", [("gray640x480", 6)], 5),
+]
+
+
+@lru_cache(maxsize=None)
+def reference(name: str):
+    model = AutoModel.from_pretrained(checkpoint(name), torch_dtype=torch.float32, backend="torch")
+    return model, AutoTokenizer.from_pretrained(checkpoint(name))
+
+
+def sequential_tokens(name: str, question: str, images: list, max_tokens: int) -> list[int]:
+    """What `model.chat` generates for one request alone (the official loop with a dense cache)."""
+    model, tokenizer = reference(name)
+    pixel_values = [load_image(image_path(n), max_num=m) for n, m in images]
+    tiles = [p.shape[0] for p in pixel_values]
+    query, _ = prepare_chat_query(model.template, question, None, tiles, system_message=model._system_message(),
+                                  has_images=bool(images))
+    ids = tokenizer(query, return_tensors="pt")
+    vit = model.extract_feature(torch.cat(pixel_values)) if pixel_values else None
+    stop = {tokenizer.convert_tokens_to_ids(get_template(model.template).stop_token), tokenizer.eos_token_id}
+    result = generate(model, model.embed_inputs(ids["input_ids"], vit), ids["attention_mask"],
+                      GenerationConfig(max_new_tokens=max_tokens), stop, tokenizer.pad_token_id, tokenizer.bos_token_id)
+    return result.sequences[0]
+
+
+def engine_request(question: str, images: list) -> dict:
+    max_tiles = images[0][1] if images else 12
+    return {"prompt": question, "images": [str(image_path(n)) for n, _ in images], "max_tiles": max_tiles}
+
+
+def make_llm(name: str, **options) -> LLM:
+    return LLM(checkpoint(name), dtype=torch.float32, device="cpu", backend="torch", **options)
+
+
+def run_mixed(llm: LLM, name: str, copies: int = 2):
+    cases = [case for case in MIXED if len({m for _, m in case[1]}) <= 1] * copies
+    requests = [engine_request(q, imgs) for q, imgs, _ in cases]
+    params = [SamplingParams(max_tokens=n, temperature=0.0) for _, _, n in cases]
+    outputs = llm.generate(requests, params)
+    for (question, images, max_tokens), output in zip(cases, outputs):
+        assert output.error is None, output.error
+        assert output.token_ids == sequential_tokens(name, question, images, max_tokens), question
+    return outputs
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_concurrent_mixed_requests_match_sequential_chat(name):
+    llm = make_llm(name, max_num_batched_tokens=2048, max_vit_tiles_per_step=16)
+    outputs = run_mixed(llm, name)
+    assert len(outputs) >= 14
+    assert llm.block_manager.num_free_blocks == llm.runner.num_blocks
+
+
+def test_preemption_keeps_every_request_and_its_tokens():
+    name = MODELS[0]
+    block_bytes = 2 * 3 * 16 * 2 * 16 * 4  # K and V x 3 layers x 16 tokens x 2 KV heads x 16 dims x fp32
+    llm = make_llm(name, kv_cache_bytes=260 * block_bytes, max_num_batched_tokens=1024,
+                   max_vit_tiles_per_step=8)  # 260 blocks: the 13-tile request fits, but not with the others
+    outputs = run_mixed(llm, name, copies=1)
+    assert sum(output.num_preemptions for output in outputs) > 0
+    assert llm.block_manager.num_free_blocks == llm.runner.num_blocks
+
+
+def test_same_image_twice_hits_the_caches():
+    name = MODELS[0]
+    llm = make_llm(name)
+    request = engine_request("<image>\nDescribe the image.", [("land800x600", 6)])
+    first = llm.generate([request], SamplingParams(max_tokens=6, temperature=0.0))[0]
+    second = llm.generate([request], SamplingParams(max_tokens=6, temperature=0.0))[0]
+    assert first.token_ids == second.token_ids
+    assert second.num_cached_tokens > 7 * 256  # the prefix cache held the image's KV: no recompute
+    # Other text before the same image: the prefix differs, so the image's KV is recomputed, but its ViT
+    # features come from the feature cache.
+    other = engine_request("Look: <image>\nDescribe the image.", [("land800x600", 6)])
+    third = llm.generate([other], SamplingParams(max_tokens=6, temperature=0.0))[0]
+    assert llm.feature_cache.hits == 1 and llm.feature_cache.misses == 1
+    assert third.token_ids == sequential_tokens(name, other["prompt"], [("land800x600", 6)], 6)
+    assert llm.block_manager.num_free_blocks == llm.runner.num_blocks
+
+
+def test_bad_requests_fail_alone(tmp_path):
+    name = MODELS[0]
+    llm = make_llm(name, max_model_len=600)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    good = engine_request("Hello, who are you?", [])
+    requests = [good, {"prompt": "<image>\nHi", "images": [str(broken)]},
+                {"prompt": "<image>\nHi", "images": [str(image_path("sq448"))], "max_tiles": 400},
+                {"prompt": "<image>\nHi", "images": [str(image_path("land800x600"))], "max_tiles": 6},
+                good]
+    params = [SamplingParams(max_tokens=8, temperature=0.0)] * len(requests)
+    outputs = llm.generate(requests, params)
+    assert outputs[0].error is None and outputs[4].error is None
+    assert outputs[0].token_ids == outputs[4].token_ids == sequential_tokens(name, good["prompt"], [], 8)
+    assert "broken.png" in outputs[1].error
+    assert "max_tiles" in outputs[2].error
+    assert "600" in outputs[3].error  # prompt + max_tokens over max_model_len
+    for bad in outputs[1:4]:
+        assert bad.finish_reason == "error"
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1.0)
+
+
+@pytest.mark.slow
+def test_triton_backend_engine_matches_torch_backend():
+    """Engine on the kernels (ViT attention, fused unshuffle, paged decode; interpreter on CPU)."""
+    name = MODELS[0]
+    llm = LLM(checkpoint(name), dtype=torch.float32, device="cpu", backend="triton")
+    cases = [MIXED[0], MIXED[1]]
+    outputs = llm.generate([engine_request(q, imgs) for q, imgs, _ in cases],
+                           [SamplingParams(max_tokens=n, temperature=0.0) for _, _, n in cases])
+    for (question, images, max_tokens), output in zip(cases, outputs):
+        assert output.token_ids == sequential_tokens(name, question, images, max_tokens)
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch():
+    name = MODELS[0]
+    llm = make_llm(name)
+    sampled = SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, top_k=20, seed=7)
+    alone = llm.generate(["Tell me a story."], sampled)[0]
+    batched = llm.generate(["Tell me a story.", "Hello, who are you?"],
+                           [sampled, SamplingParams(max_tokens=8, temperature=1.0, seed=3)])[0]
+    assert alone.token_ids == batched.token_ids
+    assert alone.metrics.time_to_first_token is not None and alone.metrics.queue_time is not None

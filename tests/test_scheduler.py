@@ -1,0 +1,432 @@
+"""Scheduler: budgets, chunk order, chunked prefill, ViT tiles, preemption, admission; prepare_batch; a random run."""
+from __future__ import annotations
+
+import random
+import zlib
+
+import pytest
+
+from internvl_engine.batch_metadata import prepare_batch
+from internvl_engine.block_manager import BlockManager
+from internvl_engine.request import FinishReason, ImageSpan, Request, RequestStatus
+from internvl_engine.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerOutput, _StepPlan
+
+IMAGE_TOKEN = 7
+
+
+class FakeEngine:
+    """Keeps image features by content hash, as the engine's feature cache does, and samples deterministically."""
+
+    def __init__(self, scheduler_config: SchedulerConfig, num_blocks: int) -> None:
+        self.features: set[str] = set()
+        self.scheduler = Scheduler(scheduler_config, BlockManager(num_blocks, scheduler_config.block_size),
+                                   self.needs_encoding)
+
+    def needs_encoding(self, request: Request, image: ImageSpan) -> bool:
+        return image.content_hash not in self.features
+
+    def step(self, stop_token_ids: frozenset[int] = frozenset()) -> tuple[SchedulerOutput, list[Request]]:
+        output = self.scheduler.schedule()
+        self.features.update(image.content_hash for _, image in output.images_to_encode)
+        batch = prepare_batch(output, self.scheduler.config.block_size)
+        sampled = {}
+        for chunk in output.chunks:  # the model's logits exist only where a chunk reaches its request's end
+            request = chunk.request
+            if request.num_computed_tokens + chunk.num_new_tokens == request.num_tokens:
+                sampled[request.request_id] = token_for(request.request_id, request.num_tokens)
+        assert list(sampled) == batch.logit_request_ids
+        return output, self.scheduler.update(output, sampled, set(stop_token_ids))
+
+
+def token_for(request_id: str, position: int) -> int:
+    """The fake model's next token: a function of the request and position only, so recompute reproduces it."""
+    return random.Random(f"{request_id}:{position}").randrange(60)
+
+
+def make_engine(num_blocks: int = 256, **config) -> FakeEngine:
+    config.setdefault("block_size", 4)
+    return FakeEngine(SchedulerConfig(**config), num_blocks)
+
+
+def text(request_id: str, length: int, max_tokens: int = 4, first: int | None = None) -> Request:
+    """A text prompt; different ids get different tokens unless `first` is given (so no accidental prefix hits)."""
+    if first is None:
+        first = 1000 * (zlib.crc32(request_id.encode()) % 1000)
+    return Request(request_id, list(range(first, first + length)), max_tokens)
+
+
+def with_images(request_id: str, parts: list, max_tokens: int = 2) -> Request:
+    """parts: ints are runs of text tokens, (content_hash, tiles, tokens) tuples are images."""
+    tokens, images = [], []
+    for part in parts:
+        if isinstance(part, int):
+            tokens += [1] * part
+        else:
+            content_hash, tiles, length = part
+            images.append(ImageSpan(len(tokens), length, tiles, content_hash))
+            tokens += [IMAGE_TOKEN] * length
+    return Request(request_id, tokens, max_tokens, images=images)
+
+
+def grants(output: SchedulerOutput) -> list[tuple[str, int]]:
+    return [(chunk.request.request_id, chunk.num_new_tokens) for chunk in output.chunks]
+
+
+def test_decodes_first_then_continuing_prefills_then_new_requests():
+    engine = make_engine(max_num_batched_tokens=32)
+    engine.scheduler.add_request(text("a", 3, max_tokens=10))
+    assert grants(engine.step()[0]) == [("a", 3)]
+    engine.scheduler.add_request(text("p", 50))
+    engine.scheduler.add_request(text("c", 5))
+    assert grants(engine.step()[0]) == [("a", 1), ("p", 31)]
+    assert grants(engine.step()[0]) == [("a", 1), ("p", 19), ("c", 5)]
+    assert grants(engine.step()[0]) == [("a", 1), ("p", 1), ("c", 1)]
+
+
+def test_chunked_prefill_spreads_a_long_prompt_while_decodes_run_every_step():
+    engine = make_engine(max_num_batched_tokens=64, block_size=16)
+    for name in ("d1", "d2"):
+        engine.scheduler.add_request(text(name, 5, max_tokens=100))
+    engine.step()
+    long = text("long", 1000)
+    engine.scheduler.add_request(long)
+    sizes = []
+    while not long.output_token_ids:
+        output, _ = engine.step()
+        assert grants(output)[:2] == [("d1", 1), ("d2", 1)] and output.num_batched_tokens <= 64
+        sizes.append(grants(output)[2][1])
+    assert sizes == [62] * 16 + [1000 - 62 * 16]
+
+
+def test_without_chunked_prefill_a_prompt_waits_for_room_for_all_of_it():
+    with pytest.raises(ValueError, match="max_model_len"):
+        SchedulerConfig(enable_chunked_prefill=False, max_num_batched_tokens=64, max_model_len=128)
+    engine = make_engine(enable_chunked_prefill=False, max_num_batched_tokens=64, max_model_len=64)
+    for name in ("d1", "d2"):
+        engine.scheduler.add_request(text(name, 2, max_tokens=3))
+    engine.step()
+    engine.scheduler.add_request(text("long", 63, max_tokens=1))
+    history = [grants(engine.step()[0]) for _ in range(3)]
+    assert history == [[("d1", 1), ("d2", 1)], [("d1", 1), ("d2", 1)], [("long", 63)]]
+
+
+def test_vit_budget_cuts_the_chunk_at_the_start_of_an_image_that_does_not_fit():
+    engine = make_engine(num_blocks=1024, max_num_batched_tokens=4096, max_vit_tiles_per_step=4,
+                         max_model_len=4096)
+    request = with_images("r", [10, ("x", 3, 768), 5, ("y", 3, 768), 20])
+    engine.scheduler.add_request(request)
+    output, _ = engine.step()
+    assert grants(output) == [("r", 783)] and output.num_tiles == 3
+    assert [image.content_hash for _, image in output.images_to_encode] == ["x"]
+    output, _ = engine.step()
+    assert grants(output) == [("r", 788)] and output.num_tiles == 3
+    assert [image.content_hash for _, image in output.images_to_encode] == ["y"]
+
+
+def test_image_larger_than_the_budget_is_encoded_alone():
+    engine = make_engine(max_num_batched_tokens=1024, max_vit_tiles_per_step=4)
+    engine.scheduler.add_request(with_images("small", [2, ("s", 1, 8), 2]))
+    engine.scheduler.add_request(with_images("big", [2, ("b", 7, 28), 2]))
+    output, _ = engine.step()  # small takes a tile first: big stops before its image
+    assert grants(output) == [("small", 12), ("big", 2)] and output.num_tiles == 1
+    output, _ = engine.step()  # a step with no other ViT work: the 7-tile image goes alone
+    assert output.num_tiles == 7 and [image.content_hash for _, image in output.images_to_encode] == ["b"]
+    assert ("big", 30) in grants(output)
+
+
+def test_image_is_encoded_once_per_step_and_not_again_mid_image():
+    engine = make_engine(max_num_batched_tokens=100, max_vit_tiles_per_step=4, max_model_len=512)
+    engine.scheduler.add_request(with_images("a", [("same", 3, 40), 2]))
+    engine.scheduler.add_request(with_images("b", [("same", 3, 40), 90]))
+    output, _ = engine.step()
+    assert output.num_tiles == 3 and len(output.images_to_encode) == 2  # both need it, tiles counted once
+    assert grants(output) == [("a", 42), ("b", 58)]
+    output, _ = engine.step()  # b continues after the image: features are held, nothing to encode
+    assert output.images_to_encode == [] and output.num_tiles == 0
+
+
+def test_preemption_recomputes_the_latest_arrival_and_keeps_its_outputs():
+    engine = make_engine(num_blocks=6, max_num_batched_tokens=64)
+    a, b, c = (text(name, 7, max_tokens=6, first=10 * ord(name)) for name in "abc")
+    for request in (a, b, c):
+        engine.scheduler.add_request(request)
+    engine.step()
+    engine.step()
+    outputs_before = list(c.output_token_ids)
+    output, _ = engine.step()  # a and b need a third block each: c goes
+    assert grants(output) == [("a", 1), ("b", 1)] and output.preempted == [c]
+    assert c.status is RequestStatus.WAITING and c.num_computed_tokens == 0 and c.num_preemptions == 1
+    assert c.output_token_ids == outputs_before and engine.scheduler.waiting[0] is c
+    finished = run_to_completion(engine)
+    assert sorted(request.request_id for request in finished) == ["a", "b", "c"]
+    for request in finished:
+        assert request.output_token_ids == expected_outputs(request, frozenset())
+    assert engine.scheduler.block_manager.num_free_blocks == 6
+
+
+def test_preemption_takes_latest_arrivals_first_and_keeps_the_queue_in_arrival_order():
+    engine = make_engine(num_blocks=7, max_num_batched_tokens=20, max_vit_tiles_per_step=1)
+    engine.scheduler.add_request(with_images("a", [4, ("x", 1, 4), ("y", 1, 20)], max_tokens=1))
+    engine.scheduler.add_request(text("b", 3, max_tokens=2))
+    engine.scheduler.add_request(text("c", 3, max_tokens=2))
+    assert grants(engine.step()[0]) == [("a", 8), ("b", 3), ("c", 3)]  # a stops before y: one tile per step
+    output, _ = engine.step()  # a's next 18 tokens need 5 more blocks, 3 are free: c goes, then b
+    assert grants(output) == [("a", 18)]
+    assert [request.request_id for request in output.preempted] == ["c", "b"]
+    assert [request.request_id for request in engine.scheduler.waiting] == ["b", "c"]
+    assert len(run_to_completion(engine)) == 3
+
+
+def test_a_request_preempts_itself_when_it_is_the_latest_arrival():
+    engine = make_engine(num_blocks=4, max_num_batched_tokens=64)
+    engine.scheduler.add_request(text("a", 5, max_tokens=4))
+    engine.scheduler.add_request(text("b", 7, max_tokens=4))
+    engine.step()
+    engine.step()
+    output, _ = engine.step()  # b's token 8 needs a block; b is the latest arrival
+    assert grants(output) == [("a", 1)] and [request.request_id for request in output.preempted] == ["b"]
+    assert len(run_to_completion(engine)) == 2
+
+
+def test_preempting_a_request_granted_earlier_in_the_step_returns_its_tokens():
+    engine = make_engine(num_blocks=6, max_num_batched_tokens=16, max_vit_tiles_per_step=2)
+    engine.scheduler.add_request(with_images("a", [4, ("x", 2, 8), ("y", 2, 8), 4], max_tokens=1))
+    engine.scheduler.add_request(text("b", 3, max_tokens=2))
+    assert grants(engine.step()[0]) == [("a", 12), ("b", 3)]  # a stops before y
+    output, finished = engine.step()  # b (decode) is granted first, then a needs 3 blocks and only 2 are free
+    assert grants(output) == [("a", 12)] and output.num_batched_tokens == 12
+    assert [request.request_id for request in output.preempted] == ["b"]
+    assert [request.request_id for request in finished] == ["a"]
+    assert [request.request_id for request in run_to_completion(engine)] == ["b"]
+
+
+def test_a_request_waits_until_the_token_budget_has_room():
+    engine = make_engine(max_num_batched_tokens=2)
+    for name in ("a", "b", "c"):
+        engine.scheduler.add_request(text(name, 1, max_tokens=2))
+    assert grants(engine.step()[0]) == [("a", 1), ("b", 1)]
+    assert grants(engine.step()[0]) == [("a", 1), ("b", 1)]  # a and b finish here
+    assert grants(engine.step()[0]) == [("c", 1)]
+
+
+def test_revoking_a_grant_returns_its_tokens_and_only_tiles_no_other_grant_needs():
+    plan = _StepPlan(SchedulerConfig(max_num_batched_tokens=100, max_vit_tiles_per_step=8))
+    shared, own = ImageSpan(0, 12, 3, "shared"), ImageSpan(12, 8, 2, "own")
+    first, second = Request("first", [1] * 20, 1, images=[shared]), Request("second", [1] * 20, 1, images=[shared, own])
+    plan.grant(first, 20, (shared,), 3)
+    plan.grant(second, 20, (shared, own), 2)  # shared is encoded for first anyway: only own's tiles are new
+    assert (plan.tokens_left, plan.tiles_used) == (60, 5)
+    plan.revoke(second)
+    assert (plan.tokens_left, plan.tiles_used, plan.encoding) == (80, 3, {"shared": 1})
+    plan.revoke(first)
+    assert (plan.tokens_left, plan.tiles_used, plan.encoding) == (100, 0, {})
+    assert plan.build().chunks == []
+
+
+def test_admission_limits_and_validation():
+    engine = make_engine(num_blocks=4, max_waiting=2, max_model_len=32)
+    engine.scheduler.add_request(text("a", 3))
+    engine.scheduler.add_request(text("b", 3))
+    with pytest.raises(QueueFullError):
+        engine.scheduler.add_request(text("c", 3))
+    assert issubclass(QueueFullError, RuntimeError)
+    with pytest.raises(ValueError, match=r"prompt \(10 tokens\) \+ max_tokens \(23\) exceeds max_model_len \(32\)"):
+        engine.scheduler.add_request(text("long", 10, max_tokens=23))
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.scheduler.add_request(text("empty", 0))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.scheduler.add_request(text("a", 3))
+    with pytest.raises(ValueError, match="bad image span"):
+        engine.scheduler.add_request(Request("img", [1, 2], 1, images=[ImageSpan(1, 4, 1, "x")]))
+    with pytest.raises(ValueError, match="KV blocks"):  # 12 + 6 - 1 tokens need 5 blocks of 4
+        engine.scheduler.add_request(text("huge", 12, max_tokens=6))
+    with pytest.raises(ValueError, match="max_tokens must be at least 1"):
+        engine.scheduler.add_request(text("none", 3, max_tokens=0))
+    with pytest.raises(ValueError, match="max_num_seqs must be positive"):
+        SchedulerConfig(max_num_seqs=0)
+    with pytest.raises(ValueError, match="block_size"):
+        Scheduler(SchedulerConfig(block_size=16), BlockManager(8, 4), lambda request, image: True)
+
+
+def test_abort_and_finish_free_everything():
+    engine = make_engine(num_blocks=16, max_num_seqs=2)
+    for name in ("a", "b", "w"):
+        engine.scheduler.add_request(text(name, 6, max_tokens=8))
+    output = engine.scheduler.schedule()
+    assert engine.scheduler.num_waiting == 1  # w waits for a free seat
+    aborted = engine.scheduler.abort("a")  # between schedule() and update(): update skips it
+    assert aborted.status is RequestStatus.FINISHED and aborted.finish_reason is FinishReason.ABORT
+    assert aborted.block_ids == [] and engine.scheduler.abort("a") is None
+    engine.scheduler.update(output, {"b": 1, "w": 1}, set())
+    assert aborted.output_token_ids == []
+    engine.scheduler.finish(engine.scheduler.running[0], FinishReason.ERROR, error="bad image")
+    engine.scheduler.abort("w")
+    assert not engine.scheduler.has_unfinished()
+    assert engine.scheduler.block_manager.num_free_blocks == 16
+
+
+def test_identical_prompt_starts_after_its_cached_prefix():
+    engine = make_engine(num_blocks=64)
+    engine.scheduler.add_request(text("a", 40, max_tokens=1, first=0))
+    engine.step()
+    second = text("b", 40, max_tokens=2, first=0)
+    engine.scheduler.add_request(second)
+    # All 10 blocks (block size 4) are cached; the block holding the last token is recomputed privately.
+    assert grants(engine.step()[0]) == [("b", 4)] and second.num_cached_tokens == 36
+
+
+def test_stop_token_finishes_with_stop():
+    engine = make_engine()
+    request = text("s", 3, max_tokens=50)
+    engine.scheduler.add_request(request)
+    stop = frozenset({token_for("s", 3)})
+    _, finished = engine.step(stop)
+    assert finished == [request] and request.finish_reason is FinishReason.STOP
+    own = text("own", 3, max_tokens=2)
+    own.stop_token_ids = frozenset()  # e.g. ignore_eos: the request's own set replaces the engine's
+    engine.scheduler.add_request(own)
+    engine.step(frozenset({token_for("own", 3)}))
+    assert not own.is_finished and own.output_token_ids == [token_for("own", 3)]
+
+
+def expected_outputs(request: Request, stop_token_ids: frozenset[int]) -> list[int]:
+    outputs = []
+    while len(outputs) < request.max_tokens:
+        outputs.append(token_for(request.request_id, request.num_prompt_tokens + len(outputs)))
+        if outputs[-1] in stop_token_ids:
+            break
+    return outputs
+
+
+def run_to_completion(engine: FakeEngine, max_steps: int = 10_000) -> list[Request]:
+    finished = []
+    for _ in range(max_steps):
+        if not engine.scheduler.has_unfinished():
+            return finished
+        output, done = engine.step()
+        assert output.chunks, "no progress"
+        finished += done
+    raise AssertionError("did not finish")
+
+
+def brute_force_batch(output: SchedulerOutput, block_size: int) -> dict:
+    tokens, positions, slots, logits = [], [], [], []
+    for chunk in output.chunks:
+        request = chunk.request
+        for position in range(request.num_computed_tokens, request.num_computed_tokens + chunk.num_new_tokens):
+            tokens.append(request.all_token_ids[position])
+            positions.append(position)
+            slots.append(request.block_ids[position // block_size] * block_size + position % block_size)
+        if request.num_computed_tokens + chunk.num_new_tokens == request.num_tokens:
+            logits.append(len(tokens) - 1)
+    return {"input_token_ids": tokens, "positions": positions, "slot_ids": slots, "logit_indices": logits}
+
+
+def test_prepare_batch_matches_a_brute_force_computation():
+    engine = make_engine(num_blocks=64, max_num_batched_tokens=40)
+    for index, length in enumerate((3, 30, 17, 9)):
+        engine.scheduler.add_request(text(f"r{index}", length, max_tokens=5, first=0))  # shared prefixes
+    for _ in range(6):
+        output = engine.scheduler.schedule()
+        batch = prepare_batch(output, 4)
+        expected = brute_force_batch(output, 4)
+        for name, values in expected.items():
+            assert getattr(batch, name) == values, name
+        lens = [chunk.num_new_tokens for chunk in output.chunks]
+        assert batch.query_lens == lens and batch.query_start_locs == [sum(lens[:i]) for i in range(len(lens) + 1)]
+        assert batch.context_lens == [c.request.num_computed_tokens + c.num_new_tokens for c in output.chunks]
+        assert batch.block_tables == [c.request.block_ids for c in output.chunks]
+        sampled = {request_id: 1 for request_id in batch.logit_request_ids}
+        engine.scheduler.update(output, sampled, set())
+
+
+IMAGE_LIBRARY = {"one": 1, "three": 3, "six": 6, "nine": 9}  # content hash -> tiles (nine exceeds the budget)
+TOKENS_PER_TILE = 4  # 256 in the real model; small keeps the simulation fast
+
+
+def random_request(rng: random.Random, index: int) -> Request:
+    tokens = list(rng.choice(([5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21], [])))  # shared prefixes: cache hits
+    images = []
+    for _ in range(rng.choice((0, 0, 1, 2))):
+        tokens += [rng.randrange(30, 40) for _ in range(rng.randrange(0, 6))]
+        content_hash = rng.choice(list(IMAGE_LIBRARY))
+        tiles = IMAGE_LIBRARY[content_hash]
+        images.append(ImageSpan(len(tokens), tiles * TOKENS_PER_TILE, tiles, content_hash))
+        tokens += [IMAGE_TOKEN] * (tiles * TOKENS_PER_TILE)
+    tokens += [rng.randrange(30, 40) for _ in range(rng.randrange(1, 60))]
+    return Request(f"r{index}", tokens, min(rng.randrange(1, 30), 160 - len(tokens)), images=images)
+
+
+def expected_kv(request: Request, position: int) -> tuple:
+    """What the K/V at a position stands for: its token, the image feature row it holds, and where it is."""
+    for image in request.images:
+        if image.offset <= position < image.end:
+            return position, image.content_hash, position - image.offset
+    return position, request.all_token_ids[position], None
+
+
+@pytest.mark.parametrize("seed, chunked, prefix_caching", [(2024, True, True), (7, False, True), (11, True, False)])
+def test_random_simulation_finishes_every_request_within_budgets(seed, chunked, prefix_caching):
+    simulate(seed, chunked, prefix_caching)
+
+
+def simulate(seed: int, chunked: bool, prefix_caching: bool) -> None:
+    rng = random.Random(seed)
+    budget = 48 if chunked else 160  # without chunking a whole prompt must fit one step
+    config = SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=budget, max_vit_tiles_per_step=8,
+                             max_model_len=160, max_waiting=8, block_size=4, enable_chunked_prefill=chunked)
+    engine = FakeEngine(config, num_blocks=48)  # 192 token slots: a few requests at a time, so some get preempted
+    engine.scheduler.block_manager.enable_prefix_caching = prefix_caching
+    scheduler, manager = engine.scheduler, engine.scheduler.block_manager
+    stop = frozenset({0})
+    pending = [random_request(rng, index) for index in range(80)]
+    submitted, finished = [], []
+    kv: dict[int, tuple] = {}  # slot -> expected_kv of what was written there
+    for _ in range(5000):
+        while pending and rng.random() < 0.5:
+            try:
+                scheduler.add_request(pending[0])
+            except QueueFullError:
+                break
+            submitted.append(pending.pop(0))
+        if not scheduler.has_unfinished():
+            if not pending:
+                break
+            continue
+        output = scheduler.schedule()
+        assert output.chunks, "no progress"
+        assert output.num_batched_tokens == sum(c.num_new_tokens for c in output.chunks) <= budget
+        assert len(output.chunks) <= 6 and scheduler.num_running <= 6
+        distinct = {image.content_hash: image.num_tiles for _, image in output.images_to_encode}
+        first_owners = {}
+        for request, image in output.images_to_encode:
+            first_owners.setdefault(image.content_hash, request.request_id)
+        assert output.num_tiles == sum(distinct.values())
+        # Over the tile budget only as a step's sole ViT work: one image (chunked) or one prompt's images.
+        assert output.num_tiles <= 8 or len(set(first_owners.values())) == (1 if not chunked else len(distinct)) == 1
+        engine.features.update(distinct)
+        batch = prepare_batch(output, 4)
+        assert batch.input_token_ids == brute_force_batch(output, 4)["input_token_ids"]
+        for chunk, slot_start, table in zip(output.chunks, batch.query_start_locs, batch.block_tables):
+            request = chunk.request
+            start, end = request.num_computed_tokens, request.num_computed_tokens + chunk.num_new_tokens
+            for image in request.images_in(start, end):  # every image feature the chunk reads exists
+                assert image.content_hash in engine.features
+            for offset, position in enumerate(range(start, end)):
+                kv[batch.slot_ids[slot_start + offset]] = expected_kv(request, position)
+            for position in range(end):  # attention reads the whole context through the block table
+                assert kv[table[position // 4] * 4 + position % 4] == expected_kv(request, position)
+        sampled = {c.request.request_id: token_for(c.request.request_id, c.request.num_tokens)
+                   for c in output.chunks if c.request.request_id in batch.logit_request_ids}
+        finished += scheduler.update(output, sampled, set(stop))
+        for content_hash in list(engine.features):  # the feature cache evicts now and then
+            if rng.random() < 0.3:
+                engine.features.discard(content_hash)
+    assert not pending and not scheduler.has_unfinished() and len(finished) == len(submitted) == 80
+    for request in finished:
+        assert request.output_token_ids == expected_outputs(request, stop)
+        last_is_stop = request.output_token_ids[-1] in stop
+        assert request.finish_reason is (FinishReason.STOP if last_is_stop else FinishReason.LENGTH)
+    assert sum(request.num_preemptions for request in finished) > 0
+    assert (manager.prefix_hits_tokens > 0) == prefix_caching
+    assert manager.num_free_blocks == manager.num_blocks
