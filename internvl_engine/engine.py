@@ -24,7 +24,7 @@ from .image_processor import DEFAULT_MAX_PIXELS
 from .model_runner import ModelRunner
 from .prompt import get_template
 from .request import FinishReason, ImageSpan, Request
-from .sampling_params import SamplingParams, make_generator
+from .sampling_params import SamplingParams, make_generator, sample_batch
 from .scheduler import Scheduler, SchedulerConfig
 
 
@@ -193,19 +193,17 @@ class LLM:
         if not output.chunks:
             return []
         forward_start = time.perf_counter()
-        sample_rows = [c for c in output.chunks
-                       if c.request.num_computed_tokens + c.num_new_tokens == c.request.num_tokens]
         features = {c.request.request_id: self._live[c.request.request_id].features for c in output.chunks}
-        logits = self.runner.execute(output.chunks, features, [c.request.request_id for c in sample_rows])
-        sampled = self._sample(sample_rows, logits)
+        sampled_ids, logits = self.runner.execute(output, features)
+        sampled = self._sample([self._requests[rid] for rid in sampled_ids], logits)
         self.last_step_sampled = list(sampled)
         finished = self.scheduler.update(output, sampled, self.stop_token_ids)
         now = time.perf_counter()
         decode_only = all(c.num_new_tokens == 1 for c in output.chunks)
         self.stats["decode_step_s" if decode_only else "prefill_step_s"] += now - forward_start
         self.stats["steps"] += 1
-        for chunk in sample_rows:
-            metrics = self._live[chunk.request.request_id].metrics
+        for request_id in sampled_ids:
+            metrics = self._live[request_id].metrics
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
                 metrics.time_to_first_token = now - metrics.arrival_time
@@ -228,23 +226,23 @@ class LLM:
             self.feature_cache.put(key, encoded)
             for request, image in images:
                 if image.content_hash == key:
-                    self._live[request.request_id].features[key] = encoded
+                    live = self._live[request.request_id]
+                    live.features[key] = encoded  # pinned until the request finishes (survives preemption)
+                    live.pixel_values.pop(key, None)  # the tiles are no longer needed
         elapsed = time.perf_counter() - start
         self.stats["vit_s"] += elapsed
         self.stats["tiles_encoded"] += pixel_values.shape[0]
         for request, _ in images:
             self._live[request.request_id].metrics.vit_time += elapsed
 
-    def _sample(self, rows: Sequence, logits: torch.Tensor) -> dict[str, int]:
-        from .sampling_params import sample_batch
-
-        if not rows:
+    def _sample(self, requests: Sequence[Request], logits: torch.Tensor) -> dict[str, int]:
+        if not requests:
             return {}
-        params = [self._live[c.request.request_id].params for c in rows]
-        histories = [c.request.all_token_ids if p.repetition_penalty != 1.0 else [] for c, p in zip(rows, params)]
-        generators = [self._live[c.request.request_id].generator for c in rows]
+        params = [self._live[r.request_id].params for r in requests]
+        histories = [r.all_token_ids if p.repetition_penalty != 1.0 else [] for r, p in zip(requests, params)]
+        generators = [self._live[r.request_id].generator for r in requests]
         tokens = sample_batch(logits, params, histories, generators)
-        return {c.request.request_id: token for c, token in zip(rows, tokens)}
+        return {r.request_id: token for r, token in zip(requests, tokens)}
 
     def snapshot(self, request_id: str) -> RequestOutput:
         """A running request's output so far (finished=False), for streaming."""

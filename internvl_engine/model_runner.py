@@ -6,12 +6,12 @@ LM head only at the positions that are sampled.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
+from .batch_metadata import prepare_batch
 from .engine_attention import AttentionBatch, EngineKVCache, PagedAttention
 from .models.internvl_chat import InternVLChatModel
+from .scheduler import SchedulerOutput
 
 
 class ModelRunner:
@@ -36,47 +36,32 @@ class ModelRunner:
                                    cfg.head_dim, model.dtype, self.device)
 
     @torch.inference_mode()
-    def execute(self, chunks: Sequence, features: dict[str, dict[str, torch.Tensor]],
-                sample_request_ids: Sequence[str]) -> torch.Tensor:
-        """chunks: ScheduledChunk(request, num_new_tokens) -> logits [len(sample_request_ids), vocab] float32."""
-        token_ids, positions, slots, rope_lengths = [], [], [], []
-        query_starts, query_lens, context_lens, tables = [], [], [], []
-        image_rows: list[tuple[int, torch.Tensor, int, int]] = []  # (flattened row, features, feature row, count)
-        last_row: dict[str, int] = {}
-        for chunk in chunks:
-            request, start = chunk.request, chunk.request.num_computed_tokens
-            end = start + chunk.num_new_tokens
-            sequence = request.all_token_ids
-            query_starts.append(len(token_ids))
-            query_lens.append(chunk.num_new_tokens)
-            context_lens.append(end)
-            tables.append(request.block_ids)
+    def execute(self, output: SchedulerOutput, features: dict[str, dict[str, torch.Tensor]]
+                ) -> tuple[list[str], torch.Tensor]:
+        """One step -> (sampled request ids, logits [len(ids), vocab] float32) for the chunks that complete."""
+        meta = prepare_batch(output, self.block_size)
+        device = self.device
+        lm = self.model.language_model
+        embeds = lm.embed(torch.tensor(meta.input_token_ids, dtype=torch.long, device=device)[None])  # [1, T, H]
+        rope_lengths: list[int] = []
+        for (request, count), first_row, end in zip(output.chunks, meta.query_start_locs, meta.context_lens):
+            start = end - count
+            rope_lengths += [end] * count  # dynamic NTK: the request's KV length after this step
             for image in request.images_in(start, end):
-                first, last = max(start, image.offset), min(end, image.end)
                 encoded = features[request.request_id].get(image.content_hash)
                 if encoded is None:
                     raise RuntimeError(f"request {request.request_id}: image features missing for a scheduled chunk")
-                image_rows.append((len(token_ids) + first - start, encoded, first - image.offset, last - first))
-            for position in range(start, end):
-                block = request.block_ids[position // self.block_size]
-                slots.append(block * self.block_size + position % self.block_size)
-            token_ids.extend(sequence[start:end])
-            positions.extend(range(start, end))
-            rope_lengths.extend([end] * chunk.num_new_tokens)
-            last_row[request.request_id] = len(token_ids) - 1
-        device = self.device
-        ids = torch.tensor(token_ids, dtype=torch.long, device=device)[None]  # [1, T]
-        lm = self.model.language_model
-        embeds = lm.embed(ids)
-        for row, encoded, feature_row, count in image_rows:
-            embeds[0, row: row + count] = encoded[feature_row: feature_row + count].to(embeds.dtype)
-        width = max(len(t) for t in tables)
-        table = torch.zeros(len(tables), width, dtype=torch.int32)
-        for i, blocks in enumerate(tables):
-            table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        batch = AttentionBatch(torch.tensor(slots, dtype=torch.long, device=device), query_starts, query_lens,
-                               context_lens, table.to(device), use_triton=self.model.resolved_backend() == "triton")
-        hidden = lm(embeds, torch.tensor(positions, device=device)[None], PagedAttention(self.cache, batch),
+                lo, hi = max(start, image.offset), min(end, image.end)
+                rows = slice(first_row + lo - start, first_row + hi - start)
+                embeds[0, rows] = encoded[lo - image.offset: hi - image.offset].to(embeds.dtype)
+        width = max(len(blocks) for blocks in meta.block_tables)
+        table = torch.zeros(len(meta.block_tables), width, dtype=torch.int32)
+        for row, blocks in enumerate(meta.block_tables):
+            table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        batch = AttentionBatch(torch.tensor(meta.slot_ids, dtype=torch.long, device=device), meta.query_start_locs[:-1],
+                               meta.query_lens, meta.context_lens, table.to(device),
+                               use_triton=self.model.resolved_backend() == "triton")
+        hidden = lm(embeds, torch.tensor(meta.positions, device=device)[None], PagedAttention(self.cache, batch),
                     torch.tensor(rope_lengths, device=device)[None])
-        rows = torch.tensor([last_row[rid] for rid in sample_request_ids], dtype=torch.long, device=device)
-        return lm.logits(hidden[0].index_select(0, rows))
+        rows = torch.tensor(meta.logit_indices, dtype=torch.long, device=device)
+        return meta.logit_request_ids, lm.logits(hidden[0].index_select(0, rows))
