@@ -141,11 +141,15 @@ class LLM:
         params = sampling_params or SamplingParams()
         arrival = time.perf_counter()
         try:
+            if request_id in self._requests:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            max_tiles = request.get("max_tiles") if isinstance(request, Mapping) else None
+            if max_tiles is not None and not (isinstance(max_tiles, int)
+                                              and 1 <= max_tiles <= self.config.max_tiles_per_image):
+                raise ValueError(f"max_tiles must be an integer between 1 and {self.config.max_tiles_per_image}, "
+                                 f"got {max_tiles!r}")
             processed = process_request(request, self.tokenizer, self.model.config, self.template.name,
                                         self.model._system_message(), self.config.max_image_pixels)
-            max_tiles = request.get("max_tiles") if isinstance(request, Mapping) else None
-            if max_tiles is not None and not 1 <= int(max_tiles) <= self.config.max_tiles_per_image:
-                raise ValueError(f"max_tiles must be between 1 and {self.config.max_tiles_per_image}, got {max_tiles}")
             state = Request(request_id, processed.prompt_token_ids, params.max_tokens, processed.images,
                             arrival_time=arrival, stop_token_ids=self._stops(params))
             self.scheduler.add_request(state)
