@@ -69,6 +69,7 @@ class EngineConfig:
     max_image_pixels: int | None = DEFAULT_MAX_PIXELS
     enable_prefix_caching: bool = True
     backend: str = "auto"
+    static_decode: bool | None = None  # decode steps on static buffers + CUDA graphs; None: on CUDA only
 
 
 @dataclass
@@ -116,7 +117,8 @@ class LLM:
                                self.tokenizer.eos_token_id}
         max_model_len = self.config.max_model_len or self.model.max_context_length
         self.runner = ModelRunner(self.model, self.config.block_size, self.config.kv_cache_bytes,
-                                  self.config.kv_cache_fraction)
+                                  self.config.kv_cache_fraction, max_model_len, self.config.max_num_seqs,
+                                  self.config.static_decode)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           enable_prefix_caching=self.config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(

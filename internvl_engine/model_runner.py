@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .batch_metadata import prepare_batch
+from .cuda_graphs import DecodeGraphRunner
 from .engine_attention import AttentionBatch, EngineKVCache, PagedAttention
 from .models.internvl_chat import InternVLChatModel
 from .scheduler import SchedulerOutput
@@ -16,7 +17,9 @@ from .scheduler import SchedulerOutput
 
 class ModelRunner:
     def __init__(self, model: InternVLChatModel, block_size: int, kv_cache_bytes: int | None,
-                 kv_cache_fraction: float) -> None:
+                 kv_cache_fraction: float, max_model_len: int, max_num_seqs: int,
+                 static_decode: bool | None = None) -> None:
+        """static_decode: decode-only steps on bucket-sized static buffers (CUDA graphs on CUDA); None = on CUDA."""
         self.model = model
         self.device = model.device
         cfg = model.config.llm
@@ -28,18 +31,30 @@ class ModelRunner:
                 kv_cache_bytes = int(free * kv_cache_fraction)
             else:
                 kv_cache_bytes = 256 << 20
-        self.num_blocks = kv_cache_bytes // per_block
+        self.num_blocks = kv_cache_bytes // per_block - 1  # the last block is the static decode's scratch
         if self.num_blocks < 2:
-            raise ValueError(f"KV cache of {kv_cache_bytes} bytes holds fewer than 2 blocks of {per_block} bytes")
+            raise ValueError(f"KV cache of {kv_cache_bytes} bytes holds fewer than 3 blocks of {per_block} bytes")
         self.block_size = block_size
-        self.cache = EngineKVCache(cfg.num_hidden_layers, self.num_blocks, block_size, cfg.num_key_value_heads,
+        self.cache = EngineKVCache(cfg.num_hidden_layers, self.num_blocks + 1, block_size, cfg.num_key_value_heads,
                                    cfg.head_dim, model.dtype, self.device)
+        self.decode_graphs = None
+        if static_decode or (static_decode is None and self.device.type == "cuda"):
+            self.decode_graphs = DecodeGraphRunner(model, self.cache, self.num_blocks, -(-max_model_len // block_size),
+                                                   max_batch=max_num_seqs)
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, features: dict[str, dict[str, torch.Tensor]]
                 ) -> tuple[list[str], torch.Tensor]:
         """One step -> (sampled request ids, logits [len(ids), vocab] float32) for the chunks that complete."""
         meta = prepare_batch(output, self.block_size)
+        graphs = self.decode_graphs
+        if (graphs is not None and len(meta.input_token_ids) == len(output.chunks)
+                and not any(chunk.request.images_in(chunk.request.num_computed_tokens,
+                                                    chunk.request.num_computed_tokens + 1) for chunk in output.chunks)
+                and graphs.can_run(len(output.chunks), max(meta.context_lens))):
+            # decode only: every chunk is one token and every one is sampled
+            return meta.logit_request_ids, graphs.run(meta.input_token_ids, meta.positions, meta.slot_ids,
+                                                      meta.block_tables, meta.context_lens)
         device = self.device
         lm = self.model.language_model
         embeds = lm.embed(torch.tensor(meta.input_token_ids, dtype=torch.long, device=device)[None])  # [1, T, H]

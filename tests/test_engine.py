@@ -130,7 +130,7 @@ def test_bad_requests_fail_alone(tmp_path):
 def test_triton_backend_engine_matches_torch_backend():
     """Engine on the kernels (ViT attention, fused unshuffle, paged decode; interpreter on CPU)."""
     name = MODELS[0]
-    llm = LLM(checkpoint(name), dtype=torch.float32, device="cpu", backend="triton")
+    llm = LLM(checkpoint(name), dtype=torch.float32, device="cpu", backend="triton", static_decode=True)
     cases = [MIXED[0], MIXED[1]]
     outputs = llm.generate([engine_request(q, imgs) for q, imgs, _ in cases],
                            [SamplingParams(max_tokens=n, temperature=0.0) for _, _, n in cases])
@@ -147,3 +147,15 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch():
                            [sampled, SamplingParams(max_tokens=8, temperature=1.0, seed=3)])[0]
     assert alone.token_ids == batched.token_ids
     assert alone.metrics.time_to_first_token is not None and alone.metrics.queue_time is not None
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_static_decode_path_matches_sequential_chat(name):
+    """Decode steps on padded, bucket-sized static buffers (the CUDA-graph path, eager on CPU) give the
+    dynamic path's tokens; padding rows write only the scratch block."""
+    llm = make_llm(name, static_decode=True, max_num_batched_tokens=2048, max_vit_tiles_per_step=16)
+    assert llm.runner.decode_graphs is not None and not llm.runner.decode_graphs.use_graphs
+    scratch = llm.runner.cache.keys[0][llm.runner.num_blocks].clone()
+    run_mixed(llm, name, copies=1)
+    assert llm.block_manager.num_free_blocks == llm.runner.num_blocks
+    assert not torch.equal(llm.runner.cache.keys[0][llm.runner.num_blocks], scratch)  # padding wrote there
