@@ -15,6 +15,7 @@ from .engine_attention import EngineKVCache
 from .models.internvl_chat import InternVLChatModel
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+_SPLIT_TOKENS = 512  # tokens per paged-decode split in a static (graph) step
 
 
 class _DecodeAttention:
@@ -33,7 +34,10 @@ class _DecodeAttention:
         values.view(-1, *values.shape[2:])[self.slots] = v[0].transpose(0, 1)
         queries = q[0].transpose(0, 1)  # [B, heads, d]
         if self.use_triton:
-            out = paged_decode(queries, keys, values, self.tables, self.lens, validate=False)
+            # A graph fixes the split count, so fix the split SIZE instead (as vLLM's 512-token partitions): the
+            # splits past a row's context exit at once, and long contexts still spread over many programs.
+            num_splits = max(1, -(-self.tables.shape[1] * self.cache.block_size // _SPLIT_TOKENS))
+            out = paged_decode(queries, keys, values, self.tables, self.lens, num_splits=num_splits, validate=False)
         else:
             out = paged_decode_ref(queries, keys, values, self.tables, self.lens)
         return out.transpose(0, 1).unsqueeze(0)
