@@ -20,7 +20,7 @@ MIXED = [  # (question, [(image, max_tiles)], max_tokens)
     ("<image>\nWhat is shown in this image?", [("sq448", 12)], 10),  # 1 tile
     ("<image>\nDescribe the image.", [("land800x600", 6)], 8),  # 6 tiles + thumbnail
     ("<image>\nDescribe every tile.", [("fhd1920x1080", 12)], 6),  # 12 tiles + thumbnail
-    ("Image-1: <image>\nImage-2: <image>\nCompare them.", [("sq448", 12), ("tall300x1200", 6)], 9),
+    ("Image-1: <image>\nImage-2: <image>\nCompare them.", [("sq448", 6), ("tall300x1200", 6)], 9),
     ("Tell me a story.", [], 16),
     ("What is in the picture?", [("tiesmall175x100", 6)], 7),  # no tag: chat adds <image>
     ("<image>\nCount the stripes.", [("gray640x480", 6)], 5),
@@ -72,7 +72,7 @@ def run_mixed(llm: LLM, name: str, copies: int = 2):
 def test_concurrent_mixed_requests_match_sequential_chat(name):
     llm = make_llm(name, max_num_batched_tokens=2048, max_vit_tiles_per_step=16)
     outputs = run_mixed(llm, name)
-    assert len(outputs) >= 14
+    assert len(outputs) == 16
     assert llm.block_manager.num_free_blocks == llm.runner.num_blocks
 
 
