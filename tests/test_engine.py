@@ -124,6 +124,11 @@ def test_bad_requests_fail_alone(tmp_path):
         assert bad.finish_reason == "error"
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1.0)
+    assert llm.add_request(good, request_id="same") == "same"
+    duplicate = llm.add_request(good, request_id="same")
+    assert duplicate.finish_reason == "error" and "already in use" in duplicate.error
+    llm.abort("same")
+    assert llm.block_manager.num_free_blocks == llm.runner.num_blocks
 
 
 @pytest.mark.slow
