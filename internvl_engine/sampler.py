@@ -60,22 +60,33 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(1, seen, score)
 
 
+def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+                  ) -> torch.Tensor:
+    """Per-row temperature, top-k, top-p on float32 logits [batch, vocab]; filtered entries become -inf.
+
+    temperature, top_p: [batch] float; top_k: [batch] int (0 = off). transformers' order and tie rules: top-k
+    keeps every logit equal to the k-th, top-p drops tokens whose cumulative mass from the least likely is at
+    most 1 - top_p and always keeps the most likely one. One batched pass serves `chat` and the engine.
+    """
+    vocab = logits.shape[-1]
+    logits = logits / temperature[:, None]
+    ascending, order = torch.sort(logits, dim=-1)  # [batch, vocab]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    kth = ascending.gather(1, (vocab - k)[:, None])  # the k-th largest logit of each row
+    ascending = ascending.masked_fill(ascending < kth, float("-inf"))
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = (cumulative <= (1 - top_p)[:, None]) & (top_p < 1.0)[:, None]
+    remove_sorted[:, -1] = False  # always keep the most likely token
+    remove_sorted |= ascending == float("-inf")
+    return logits.masked_fill(remove_sorted.scatter(1, order, remove_sorted), float("-inf"))
+
+
 def warp(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
-    """Temperature, top-k, top-p on float32 logits [batch, vocab]; filtered entries become -inf."""
-    if cfg.temperature != 1.0:
-        logits = logits / cfg.temperature
-    if cfg.top_k > 0:
-        k = min(cfg.top_k, logits.shape[-1])
-        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove_sorted = cumulative <= (1 - cfg.top_p)
-        remove_sorted[..., -1:] = False  # always keep the most likely token
-        remove = remove_sorted.scatter(1, order, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
+    """`filter_logits` with one configuration for every row."""
+    rows = logits.shape[0]
+    return filter_logits(logits, torch.full((rows,), float(cfg.temperature), device=logits.device),
+                         torch.full((rows,), cfg.top_k, device=logits.device),
+                         torch.full((rows,), float(cfg.top_p), device=logits.device))
 
 
 class Sampler:

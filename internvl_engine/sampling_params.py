@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .sampler import apply_repetition_penalty, filter_logits
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -49,39 +51,24 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], histories: 
     pass (per-row temperature, top-k, top-p as tensors) and drawn with their own generator if seeded.
     The single `.tolist()` at the end is the only host sync.
     """
-    batch, vocab = logits.shape
     device = logits.device
-    penalties = torch.tensor([p.repetition_penalty for p in params], device=device)
-    if bool((penalties != 1.0).any()):
+    penalised = [row for row, p in enumerate(params) if p.repetition_penalty != 1.0 and histories[row]]
+    if penalised:
         logits = logits.clone()
-        for row, (p, history) in enumerate(zip(params, histories)):
-            if p.repetition_penalty != 1.0 and history:
-                seen = torch.tensor(sorted(set(history)), device=device)
-                score = logits[row, seen]
-                logits[row, seen] = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
-    greedy_tokens = logits.argmax(dim=-1)
+    for row in penalised:
+        seen = torch.tensor(sorted(set(histories[row])), device=device)[None]
+        logits[row: row + 1] = apply_repetition_penalty(logits[row: row + 1], seen, params[row].repetition_penalty)
+    tokens = logits.argmax(dim=-1)
     sampling_rows = [row for row, p in enumerate(params) if not p.greedy]
-    if not sampling_rows:
-        return greedy_tokens.tolist()
-    rows = torch.tensor(sampling_rows, device=device)
-    scores = logits[rows] / torch.tensor([params[r].temperature for r in sampling_rows], device=device)[:, None]
-    top_k = torch.tensor([params[r].top_k if params[r].top_k > 0 else vocab for r in sampling_rows], device=device)
-    sorted_scores, order = scores.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=device)[None, :]
-    drop = ranks >= top_k[:, None].clamp(max=vocab)
-    top_p = torch.tensor([params[r].top_p for r in sampling_rows], device=device)[:, None]
-    probs = sorted_scores.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-    drop |= (probs.cumsum(dim=-1) - probs) >= top_p
-    sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
-    probs = sorted_scores.softmax(dim=-1)
-    drawn = []
-    for i, row in enumerate(sampling_rows):
-        choice = torch.multinomial(probs[i], 1, generator=generators[row])
-        drawn.append(order[i, choice])
-    sampled = torch.cat(drawn)
-    tokens = greedy_tokens.clone()
-    tokens[rows] = sampled
+    if sampling_rows:
+        rows = torch.tensor(sampling_rows, device=device)
+        chosen = [params[r] for r in sampling_rows]
+        filtered = filter_logits(logits[rows], torch.tensor([p.temperature for p in chosen], device=device),
+                                 torch.tensor([max(p.top_k, 0) for p in chosen], device=device),
+                                 torch.tensor([p.top_p for p in chosen], device=device))
+        probs = filtered.softmax(dim=-1)
+        for i, row in enumerate(sampling_rows):  # each seeded request draws from its own generator
+            tokens[row] = torch.multinomial(probs[i], 1, generator=generators[row])[0]
     return tokens.tolist()
 
 

@@ -65,3 +65,18 @@ def test_greedy_is_argmax_and_seeded_sampling_is_reproducible():
 def test_invalid_parameters(options, message):
     with pytest.raises(ValueError, match=message):
         GenerationConfig.from_mapping(options)
+
+
+def test_per_row_filters_equal_each_rows_own_configuration():
+    """The engine's batched call (one parameter set per row) filters each row as `chat` would alone."""
+    from internvl_engine.sampler import filter_logits
+
+    torch.manual_seed(1)
+    logits = torch.randn(3, 40)
+    configs = [GenerationConfig(do_sample=True, temperature=0.7, top_k=5, top_p=1.0),
+               GenerationConfig(do_sample=True, temperature=1.3, top_k=0, top_p=0.6),
+               GenerationConfig(do_sample=True, temperature=1.0, top_k=50, top_p=0.9)]
+    batched = filter_logits(logits, torch.tensor([c.temperature for c in configs]),
+                            torch.tensor([c.top_k for c in configs]), torch.tensor([c.top_p for c in configs]))
+    for row, cfg in enumerate(configs):
+        assert torch.equal(batched[row], warp(logits[row: row + 1], cfg)[0])
