@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .engine_attention import EngineKVCache
+from .engine_attention import EngineKVCache, pad_block_tables
 from .models.internvl_chat import InternVLChatModel
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -83,9 +83,7 @@ class DecodeGraphRunner:
         n = len(token_ids)
         bucket = next(b for b in self.buckets if b >= n)
         width = self.tables.shape[1]
-        table = torch.full((bucket, width), self.scratch_block, dtype=torch.int32)
-        for row, blocks in enumerate(block_tables):
-            table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        table = pad_block_tables(block_tables, bucket, width, fill=self.scratch_block)
         pad = bucket - n
         self.ids[:bucket].copy_(torch.tensor(token_ids + [0] * pad), non_blocking=True)
         self.positions[:bucket].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)

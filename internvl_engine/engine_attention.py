@@ -30,6 +30,15 @@ class EngineKVCache:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def pad_block_tables(tables: list[list[int]], rows: int, width: int, fill: int = 0) -> torch.Tensor:
+    """Ragged per-request block lists -> int32 [rows, width] (host), padded with `fill` (never read past a
+    request's length, except the static decode's padding rows, which point at the scratch block)."""
+    table = torch.full((rows, width), fill, dtype=torch.int32)
+    for row, blocks in enumerate(tables):
+        table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+    return table
+
+
 @dataclass
 class AttentionBatch:
     """Where this step's tokens go and what each request attends to (built by the model runner)."""

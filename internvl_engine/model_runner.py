@@ -10,7 +10,7 @@ import torch
 
 from .batch_metadata import prepare_batch
 from .cuda_graphs import DecodeGraphRunner
-from .engine_attention import AttentionBatch, EngineKVCache, PagedAttention
+from .engine_attention import AttentionBatch, EngineKVCache, PagedAttention, pad_block_tables
 from .models.internvl_chat import InternVLChatModel
 from .scheduler import SchedulerOutput
 
@@ -69,10 +69,8 @@ class ModelRunner:
                 lo, hi = max(start, image.offset), min(end, image.end)
                 rows = slice(first_row + lo - start, first_row + hi - start)
                 embeds[0, rows] = encoded[lo - image.offset: hi - image.offset].to(embeds.dtype)
-        width = max(len(blocks) for blocks in meta.block_tables)
-        table = torch.zeros(len(meta.block_tables), width, dtype=torch.int32)
-        for row, blocks in enumerate(meta.block_tables):
-            table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        table = pad_block_tables(meta.block_tables, len(meta.block_tables),
+                                 max(len(blocks) for blocks in meta.block_tables))
         batch = AttentionBatch(torch.tensor(meta.slot_ids, dtype=torch.long, device=device), meta.query_start_locs[:-1],
                                meta.query_lens, meta.context_lens, table.to(device),
                                use_triton=self.model.resolved_backend() == "triton")
