@@ -17,9 +17,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from .block_manager import BlockManager
+from .detokenizer import IncrementalDetokenizer, find_stop, truncate_at_stop
 from .engine_inputs import process_request
 from .feature_cache import FeatureCache
-from .hf_compat import AutoModel, AutoTokenizer
+from .hf_compat import AutoModel, AutoTokenizer, PromptTooLongError
 from .image_processor import DEFAULT_MAX_PIXELS
 from .model_runner import ModelRunner
 from .prompt import get_template
@@ -52,6 +53,7 @@ class RequestOutput:
     num_preemptions: int = 0
     metrics: RequestMetrics | None = None
     finished: bool = True
+    num_image_tiles: int = 0  # tiles of all the request's images (256 visual tokens each)
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,21 @@ class _Live:
     params: SamplingParams
     generator: torch.Generator | None
     pixel_values: dict[str, torch.Tensor]
+    detokenizer: IncrementalDetokenizer
     features: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
+
+
+@dataclass
+class PreparedRequest:
+    """A validated, tokenised request with its tiles: what `LLM.prepare` builds and `LLM.submit` queues."""
+
+    request: Request
+    live: _Live
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
 
 
 class LLM:
@@ -140,28 +155,55 @@ class LLM:
                     request_id: str | None = None) -> str | RequestOutput:
         """Queue one request; returns its id, or a finished RequestOutput with an error if it is invalid."""
         request_id = request_id or str(next(self._ids))
-        params = sampling_params or SamplingParams()
-        arrival = time.perf_counter()
         try:
-            if request_id in self._requests:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            max_tiles = request.get("max_tiles") if isinstance(request, Mapping) else None
-            if max_tiles is not None and not (isinstance(max_tiles, int)
-                                              and 1 <= max_tiles <= self.config.max_tiles_per_image):
-                raise ValueError(f"max_tiles must be an integer between 1 and {self.config.max_tiles_per_image}, "
-                                 f"got {max_tiles!r}")
-            processed = process_request(request, self.tokenizer, self.model.config, self.template.name,
-                                        self.model._system_message(), self.config.max_image_pixels)
-            state = Request(request_id, processed.prompt_token_ids, params.max_tokens, processed.images,
-                            arrival_time=arrival, stop_token_ids=self._stops(params))
-            self.scheduler.add_request(state)
+            return self.submit(self.prepare(request, sampling_params, request_id))
         except (ValueError, OSError, RuntimeError) as err:
             return RequestOutput(request_id, "", [], FinishReason.ERROR.value, error=str(err),
-                                 metrics=RequestMetrics(arrival))
+                                 metrics=RequestMetrics(time.perf_counter()))
+
+    def prepare(self, request: Mapping[str, Any] | str, sampling_params: SamplingParams | None = None,
+                request_id: str | None = None) -> PreparedRequest:
+        """Validate, tokenise and tile one request without touching the scheduler (safe from any thread).
+
+        Raises ValueError naming the problem: ImageLoadError (ImageTooLargeError) for images,
+        PromptTooLongError when the prompt and max_tokens do not fit max_model_len.
+        """
+        request_id = request_id or str(next(self._ids))
+        params = sampling_params or SamplingParams()
+        arrival = time.perf_counter()
+        max_tiles = request.get("max_tiles") if isinstance(request, Mapping) else None
+        if max_tiles is not None and not (isinstance(max_tiles, int) and not isinstance(max_tiles, bool)
+                                          and 1 <= max_tiles <= self.config.max_tiles_per_image):
+            raise ValueError(f"max_tiles must be an integer between 1 and {self.config.max_tiles_per_image}, "
+                             f"got {max_tiles!r}")
+        processed = process_request(request, self.tokenizer, self.model.config, self.template.name,
+                                    self.model._system_message(), self.config.max_image_pixels)
+        num_prompt, max_model_len = len(processed.prompt_token_ids), self.scheduler.config.max_model_len
+        if params.max_tokens is not None:
+            max_tokens = params.max_tokens
+        else:  # up to the context length, or to what the whole KV cache can hold
+            capacity = self.block_manager.num_blocks * self.block_manager.block_size + 1
+            max_tokens = min(max_model_len, capacity) - num_prompt
+        if num_prompt + max(max_tokens, 1) > max_model_len:
+            wanted = f" + max_tokens ({max_tokens})" if params.max_tokens is not None else " + 1 output token"
+            raise PromptTooLongError(f"the prompt ({num_prompt} tokens, images included){wanted} exceeds the "
+                                     f"context length (max_model_len {max_model_len})")
+        state = Request(request_id, processed.prompt_token_ids, max_tokens, processed.images, arrival_time=arrival,
+                        stop_token_ids=self._stops(params))
+        self.block_manager.check_fits(state)
+        live = _Live(params, make_generator(params, self.runner.device), processed.pixel_values,
+                     IncrementalDetokenizer(self.tokenizer), metrics=RequestMetrics(arrival))
         self.stats["preprocess_s"] += time.perf_counter() - arrival
-        self._requests[request_id] = state
-        self._live[request_id] = _Live(params, make_generator(params, self.runner.device), processed.pixel_values,
-                                       metrics=RequestMetrics(arrival))
+        return PreparedRequest(state, live)
+
+    def submit(self, prepared: PreparedRequest) -> str:
+        """Queue a prepared request (the engine's thread); raises ValueError or QueueFullError."""
+        request_id = prepared.request_id
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.scheduler.add_request(prepared.request)
+        self._requests[request_id] = prepared.request
+        self._live[request_id] = prepared.live
         return request_id
 
     def _stops(self, params: SamplingParams) -> frozenset[int]:
@@ -204,6 +246,7 @@ class LLM:
         sampled = self._sample([self._requests[rid] for rid in sampled_ids], logits)
         self.last_step_sampled = list(sampled)
         finished = self.scheduler.update(output, sampled, self.stop_token_ids)
+        finished += self._stop_strings(sampled, finished)
         now = time.perf_counter()
         decode_only = all(c.num_new_tokens == 1 for c in output.chunks)
         self.stats["decode_step_s" if decode_only else "prefill_step_s"] += now - forward_start
@@ -214,6 +257,30 @@ class LLM:
                 metrics.first_token_time = now
                 metrics.time_to_first_token = now - metrics.arrival_time
         return [self._finish(request) for request in finished]
+
+    def _stop_strings(self, sampled: Mapping[str, int], finished: Sequence[Request]) -> list[Request]:
+        """Ends the sampled requests whose text now contains one of their stop strings."""
+        done = {request.request_id for request in finished}
+        stopped = []
+        for request_id in sampled:
+            live = self._live[request_id]
+            if not live.params.stop or request_id in done:
+                continue
+            request = self._requests[request_id]
+            start = len(live.detokenizer.text)
+            new_text = live.detokenizer.update(request.output_token_ids)
+            longest = max(len(stop) for stop in live.params.stop)
+            if new_text and find_stop(live.detokenizer.text, live.params.stop, max(start - longest + 1, 0)) >= 0:
+                self.scheduler.finish(request, FinishReason.STOP)
+                stopped.append(request)
+        return stopped
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """Ends every unfinished request with `error` (a step raised), freeing its blocks."""
+        requests = list(self.scheduler.running) + list(self.scheduler.waiting)
+        for request in requests:
+            self.scheduler.finish(request, FinishReason.ERROR, error)
+        return [self._finish(request) for request in requests]
 
     def _encode(self, images: Sequence[tuple[Request, ImageSpan]]) -> None:
         """All granted images in one ViT batch along the tile axis; features cached by content hash."""
@@ -252,12 +319,11 @@ class LLM:
 
     def snapshot(self, request_id: str) -> RequestOutput:
         """A running request's output so far (finished=False), for streaming."""
-        request = self._requests[request_id]
-        text = self.tokenizer.decode([t for t in request.output_token_ids if t < len(self.tokenizer)],
-                                     skip_special_tokens=True)
-        return RequestOutput(request_id, text, list(request.output_token_ids), None,
-                             num_prompt_tokens=request.num_prompt_tokens, metrics=self._live[request_id].metrics,
-                             finished=False)
+        request, live = self._requests[request_id], self._live[request_id]
+        live.detokenizer.update(request.output_token_ids)
+        return RequestOutput(request_id, live.detokenizer.text, list(request.output_token_ids), None,
+                             num_prompt_tokens=request.num_prompt_tokens, metrics=live.metrics, finished=False,
+                             num_image_tiles=sum(image.num_tiles for image in request.images))
 
     def _finish(self, request: Request) -> RequestOutput:
         live = self._live.pop(request.request_id)
@@ -269,11 +335,13 @@ class LLM:
             metrics.time_per_output_token = (metrics.finished_time - metrics.first_token_time) / (outputs - 1)
         decodable = [t for t in request.output_token_ids if t < len(self.tokenizer)]  # random-weight presets
         text = self.tokenizer.decode(decodable, skip_special_tokens=True)
-        text = text.split(self.template.stop_token)[0].strip()
-        reason = request.finish_reason.value if request.finish_reason else None
-        return RequestOutput(request.request_id, text, list(request.output_token_ids), reason, error=request.error,
+        text, stopped = truncate_at_stop(text.split(self.template.stop_token)[0], live.params.stop)
+        reason = FinishReason.STOP if stopped else request.finish_reason
+        return RequestOutput(request.request_id, text.strip(), list(request.output_token_ids),
+                             reason.value if reason else None, error=request.error,
                              num_prompt_tokens=request.num_prompt_tokens, num_cached_tokens=request.num_cached_tokens,
-                             num_preemptions=request.num_preemptions, metrics=metrics)
+                             num_preemptions=request.num_preemptions, metrics=metrics,
+                             num_image_tiles=sum(image.num_tiles for image in request.images))
 
     # ---- offline API ----
     def generate(self, requests: Iterable[Mapping[str, Any] | str],

@@ -49,6 +49,10 @@ class ImageLoadError(ValueError):
     """The image cannot be loaded or preprocessed; the message names the input and the problem."""
 
 
+class ImageTooLargeError(ImageLoadError):
+    """The image has more pixels than allowed (ours or PIL's decompression-bomb limit): HTTP 413 in the server."""
+
+
 def open_rgb_image(image_file: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open and fully decode an image as RGB, exactly as the official ``Image.open(f).convert('RGB')``.
 
@@ -77,7 +81,7 @@ def open_rgb_image(image_file: ImageSource, *, max_pixels: int | None = DEFAULT_
         with Image.open(source) as image:  # reads the header only
             return _decode_rgb(image, name, max_pixels)
     except Image.DecompressionBombError as err:
-        raise ImageLoadError(f"{name}: image too large (PIL decompression-bomb limit): {err}") from err
+        raise ImageTooLargeError(f"{name}: image too large (PIL decompression-bomb limit): {err}") from err
     except UnidentifiedImageError as err:
         raise ImageLoadError(f"{name}: not an image, or a format PIL cannot read") from err
     except OSError as err:
@@ -90,14 +94,14 @@ def _decode_rgb(image: Image.Image, name: str, max_pixels: int | None) -> Image.
     if width < 1 or height < 1:
         raise ImageLoadError(f"{name}: image is empty ({width}x{height})")
     if max_pixels is not None and width * height > max_pixels:
-        raise ImageLoadError(f"{name}: image has {width}x{height} = {width * height} pixels, over the "
+        raise ImageTooLargeError(f"{name}: image has {width}x{height} = {width * height} pixels, over the "
                              f"limit of {max_pixels} (max_pixels)")
     try:
         image.load()
         # convert() on an RGB image is a plain copy; the loaded image is never modified, so skip it.
         return image if image.mode == "RGB" else image.convert("RGB")
     except Image.DecompressionBombError as err:
-        raise ImageLoadError(f"{name}: image too large (PIL decompression-bomb limit): {err}") from err
+        raise ImageTooLargeError(f"{name}: image too large (PIL decompression-bomb limit): {err}") from err
     except (OSError, SyntaxError, EOFError, ValueError) as err:
         raise ImageLoadError(f"{name}: cannot decode image (corrupt or truncated?): {err}") from err
 

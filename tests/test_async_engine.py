@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
 from internvl_engine.async_engine import AsyncLLM
@@ -58,3 +59,46 @@ def test_invalid_request_yields_one_error_output():
 
     (output,) = asyncio.run(run())
     assert output.finish_reason == "error" and "nonexistent" in output.error
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(capsys):
+    engine = make()
+    execute, calls = engine.llm.runner.execute, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated device fault")
+        return execute(*args, **kwargs)
+
+    engine.llm.runner.execute = flaky
+    greedy = SamplingParams(max_tokens=4, temperature=0.0)
+
+    async def run():
+        first = [o async for o in engine.generate("Hello, who are you?", greedy)]
+        second = [o async for o in engine.generate("Hello, who are you?", greedy)]
+        return first[-1], second[-1]
+
+    failed, served = asyncio.run(run())
+    assert failed.finish_reason == "error" and "simulated device fault" in failed.error
+    assert served.finish_reason in ("stop", "length") and len(served.token_ids) >= 1
+    assert engine.num_step_errors == 1 and "simulated device fault" in capsys.readouterr().err
+    assert engine.llm.block_manager.num_free_blocks == engine.llm.runner.num_blocks
+
+
+def test_add_request_raises_what_the_engine_refuses():
+    from internvl_engine.scheduler import QueueFullError
+
+    engine = AsyncLLM.from_pretrained(checkpoint(MODELS[0]), dtype=torch.float32, device="cpu", backend="torch",
+                                      max_waiting=1)
+
+    async def run():
+        with pytest.raises(ValueError, match="max_tokens"):
+            await engine.add_request("Hi", SamplingParams(max_tokens=10 ** 7))
+        first = await engine.add_request("Hi", SamplingParams(max_tokens=2))
+        with pytest.raises(QueueFullError):  # the first is still waiting: the engine thread has not stepped
+            await asyncio.gather(engine.add_request("Hi", SamplingParams(max_tokens=2)),
+                                 engine.add_request("Hi", SamplingParams(max_tokens=2)))
+        return [o async for o in engine.stream(first)][-1]
+
+    assert asyncio.run(run()).finish_reason in ("stop", "length")

@@ -165,3 +165,19 @@ def test_static_decode_path_matches_sequential_chat(name):
     run_mixed(llm, name, copies=1)
     assert llm.block_manager.num_free_blocks == llm.runner.num_blocks
     assert not torch.equal(llm.runner.cache.keys[0][llm.runner.num_blocks], scratch)  # padding wrote there
+
+
+def test_stop_strings_end_requests_early_and_max_tokens_none_runs_to_the_context():
+    llm = make_llm(MODELS[0])
+    greedy = SamplingParams(max_tokens=16, temperature=0.0)
+    full = llm.generate(["Hello, who are you?"], greedy)[0]
+    stop = full.text[6:9]
+    cut = llm.generate(["Hello, who are you?", "Tell me a story."],
+                       [SamplingParams(max_tokens=16, temperature=0.0, stop=(stop, "never")), greedy])
+    assert cut[0].text == full.text[: full.text.index(stop)].strip() and cut[0].finish_reason == "stop"
+    assert len(cut[0].token_ids) < len(full.token_ids)  # stopped early, not trimmed afterwards
+    assert cut[0].token_ids == full.token_ids[: len(cut[0].token_ids)]
+    assert llm.block_manager.num_free_blocks == llm.runner.num_blocks
+    unbounded = llm.prepare("Hello, who are you?", SamplingParams(max_tokens=None, temperature=0.0))
+    max_model_len = llm.scheduler.config.max_model_len
+    assert unbounded.request.max_tokens == max_model_len - unbounded.request.num_prompt_tokens
