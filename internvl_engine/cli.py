@@ -1,4 +1,5 @@
-"""`internvl-engine demo | chat`: one chat turn about an image, with the tiles, token counts and stage times."""
+"""`internvl-engine demo | chat | serve`: one chat turn about an image (tiles, token counts, stage times), or the
+OpenAI-compatible HTTP server."""
 from __future__ import annotations
 
 import argparse
@@ -131,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--image", default=None, help="image file (omit for a text-only turn)")
     chat.add_argument("question")
     chat.set_defaults(func=_chat)
+    from .server.launch import add_serve_arguments, serve
+
+    server = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
+    add_serve_arguments(server)
+    server.set_defaults(func=serve)
     return parser
 
 

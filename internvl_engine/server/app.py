@@ -1,0 +1,210 @@
+"""The OpenAI-compatible HTTP API (FastAPI): /v1/chat/completions, /v1/models, /health, /metrics.
+
+A request is parsed and validated, its images resolved (worker thread), then prepared and queued by the
+engine before any byte of the answer is sent, so every bad input gets its 4xx status. Streams are
+Server-Sent Events ending with `data: [DONE]`. A client that disconnects, streaming or not, aborts its
+request, which frees its KV blocks at the next engine step.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..async_engine import AsyncLLM
+from ..detokenizer import StreamText
+from .errors import APIError, engine_error, error_body
+from .media import MediaPolicy, resolve_messages
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .protocol import ChatRequest, chunk, completion, completion_id, parse_chat_request, usage
+
+ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    served_model_names: tuple[str, ...]
+    api_key: str | None = None
+    max_request_bytes: int = 64 << 20  # a JSON body (base64 images included)
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+
+
+class _Gate:
+    """ASGI middleware: the API key on /v1/ routes, and a count of responses by route and status."""
+
+    def __init__(self, app: Any, api_key: str | None, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        started = []
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":  # counted before the client can see the response
+                started.append(message["status"])
+                self.metrics.http_responses.labels(route=route, status_code=str(message["status"])).inc()
+            await send(message)
+
+        try:
+            if self.expected is not None and scope["path"].startswith("/v1/"):
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                if not hmac.compare_digest(given, self.expected):
+                    message = "missing or invalid API key: send the header 'Authorization: Bearer <key>'"
+                    await JSONResponse(error_body(401, message, code="invalid_api_key"), status_code=401)(
+                        scope, receive, counting_send)
+                    return
+            await self.app(scope, receive, counting_send)
+        finally:
+            if not started:  # the application failed before answering
+                self.metrics.http_responses.labels(route=route, status_code="500").inc()
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """The JSON body, or 413 past `limit` bytes. An oversized body is still drained (up to 4x the limit) so the
+    client, which is usually still sending, reads the 413 instead of a reset connection."""
+    length = request.headers.get("content-length", "")
+    declared = int(length) if length.isdigit() else None
+    too_large = declared is not None and declared > limit
+    parts, size = [], 0
+    if not (too_large and declared > 4 * limit):
+        async for part in request.stream():
+            size += len(part)
+            too_large = too_large or size > limit
+            if size > 4 * limit:
+                break
+            if not too_large:
+                parts.append(part)
+    if too_large:
+        raise APIError(413, f"the request body is {declared or f'over {limit}'} bytes, over the limit of {limit} "
+                       "(--max-request-bytes)", code="request_too_large")
+    try:
+        return json.loads(b"".join(parts))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise APIError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _event(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
+    app = FastAPI(title="internvl-engine", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = ServerMetrics(engine, config.served_model_names[0])
+    app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
+    app.add_middleware(_Gate, api_key=config.api_key, metrics=metrics)
+    max_tiles = engine.llm.config.max_tiles_per_image
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, err: APIError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if err.status in (429, 503) else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(err.status_code, str(err.detail)), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, err: Exception) -> JSONResponse:
+        return JSONResponse(error_body(500, f"internal error: {type(err).__name__}: {err}"), status_code=500)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return JSONResponse({"status": "ok", "unfinished_requests": engine.num_unfinished})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        max_model_len = engine.llm.scheduler.config.max_model_len
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "internvl-engine",
+             "max_model_len": max_model_len} for name in config.served_model_names]})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        chat = parse_chat_request(await _read_json(request, config.max_request_bytes), config.served_model_names,
+                                  max_tiles)
+        messages = await asyncio.to_thread(resolve_messages, chat.messages, config.media)
+        inputs: dict[str, Any] = {"messages": messages}
+        if chat.max_tiles is not None:
+            inputs["max_tiles"] = chat.max_tiles
+        request_id = completion_id()
+        try:
+            await engine.add_request(inputs, chat.params, request_id)
+        except (ValueError, TypeError, RuntimeError, OSError) as err:
+            metrics.requests.labels(status="rejected").inc()
+            raise engine_error(err) from None
+        if chat.stream:
+            return StreamingResponse(_stream(request_id, chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(engine.abort, request_id))
+        output = await _final_or_disconnect(request, request_id)
+        if output is None:
+            metrics.requests.labels(status="abort").inc()
+            return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
+        metrics.observe(output)
+        if output.finish_reason == "error":
+            raise APIError(500, f"generation failed: {output.error}", code="generation_failed")
+        return JSONResponse(completion(request_id, chat.model, output))
+
+    async def _final_or_disconnect(request: Request, request_id: str):
+        async def final():
+            last = None
+            async for last in engine.stream(request_id):
+                pass
+            return last
+
+        answer = asyncio.ensure_future(final())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not answer.done():
+                answer.cancel()  # its stream aborts the request
+        return answer.result() if answer.done() and not answer.cancelled() else None
+
+    async def _stream(request_id: str, chat: ChatRequest) -> AsyncIterator[str]:
+        created, text, finished = int(time.time()), StreamText(chat.params.stop), False
+        try:
+            yield _event(chunk(request_id, chat.model, created, {"role": "assistant", "content": ""}))
+            async for output in engine.stream(request_id):
+                finished = output.finished
+                if output.finished and output.finish_reason in ("error", "abort"):
+                    metrics.observe(output)
+                    message = f"generation failed: {output.error}" if output.error else "the request was aborted"
+                    yield _event(error_body(500, message, code="generation_failed"))
+                    break
+                delta = text.delta(output.text, output.finished)
+                if delta:
+                    yield _event(chunk(request_id, chat.model, created, {"content": delta}))
+                if output.finished:
+                    metrics.observe(output)
+                    yield _event(chunk(request_id, chat.model, created, {}, output.finish_reason))
+                    if chat.include_usage:
+                        yield _event(chunk(request_id, chat.model, created, None, usage_=usage(output)))
+            yield "data: [DONE]\n\n"
+        finally:
+            if not finished:
+                metrics.requests.labels(status="abort").inc()
+
+    return app

@@ -1,0 +1,109 @@
+"""Image URLs in messages -> image bytes, under the server's policy (sizes, local folder, remote fetching).
+
+data: URLs (base64) are always accepted. file:// URLs and plain paths only inside `allowed_local_media_path`
+(symlinks resolved first). http(s) URLs are refused unless `allow_remote` is set: a server fetching on a
+client's behalf can be made to reach internal hosts. Runs in a worker thread (file reads, remote fetches).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import APIError
+
+
+@dataclass(frozen=True)
+class MediaPolicy:
+    max_image_bytes: int = 32 << 20  # one encoded image
+    allowed_local_media_path: Path | None = None
+    allow_remote: bool = False
+    remote_timeout_s: float = 10.0
+
+
+def _too_large(size: int, policy: MediaPolicy, where: str) -> APIError:
+    return APIError(413, f"{where}: the image is {size} bytes, over the limit of {policy.max_image_bytes} bytes "
+                    "(--max-image-bytes)", param="messages", code="image_too_large")
+
+
+def _from_data_url(url: str, policy: MediaPolicy, where: str) -> bytes:
+    header, comma, payload = url.partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise APIError(400, f"{where}: a data URL must look like data:image/png;base64,<base64 bytes>",
+                       param="messages", code="invalid_image")
+    if len(payload) * 3 // 4 > policy.max_image_bytes + 2:  # before decoding anything
+        raise _too_large(len(payload) * 3 // 4, policy, where)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise APIError(400, f"{where}: invalid base64 in the image data URL ({err})", param="messages",
+                       code="invalid_base64") from None
+    if not data:
+        raise APIError(400, f"{where}: the image data URL is empty", param="messages", code="invalid_image")
+    if len(data) > policy.max_image_bytes:
+        raise _too_large(len(data), policy, where)
+    return data
+
+
+def _from_local_path(url: str, policy: MediaPolicy, where: str) -> bytes:
+    if policy.allowed_local_media_path is None:
+        raise APIError(400, f"{where}: local image paths are not allowed on this server (start it with "
+                       "--allowed-local-media-path DIR); send the image as a base64 data URL", param="messages")
+    raw = urllib.parse.unquote(urllib.parse.urlparse(url).path) if url.startswith("file://") else url
+    root = policy.allowed_local_media_path.resolve()
+    path = Path(raw).resolve()
+    if not path.is_relative_to(root):
+        raise APIError(400, f"{where}: {raw!r} is outside the allowed media folder", param="messages")
+    if not path.is_file():
+        raise APIError(400, f"{where}: image file not found: {raw!r}", param="messages", code="invalid_image")
+    size = path.stat().st_size
+    if size > policy.max_image_bytes:
+        raise _too_large(size, policy, where)
+    return path.read_bytes()
+
+
+def _from_remote(url: str, policy: MediaPolicy, where: str) -> bytes:
+    if not policy.allow_remote:
+        raise APIError(400, f"{where}: http(s) image URLs are not fetched by this server (start it with "
+                       "--allow-remote-images to allow it); send the image as a base64 data URL", param="messages",
+                       code="remote_images_disabled")
+    try:
+        with urllib.request.urlopen(url, timeout=policy.remote_timeout_s) as response:  # noqa: S310 (opt-in)
+            data = response.read(policy.max_image_bytes + 1)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise APIError(400, f"{where}: cannot fetch {url!r}: {err}", param="messages", code="invalid_image") from None
+    if len(data) > policy.max_image_bytes:
+        raise _too_large(len(data), policy, where)
+    return data
+
+
+def resolve_image(url: str, policy: MediaPolicy, where: str = "image") -> bytes:
+    if url.startswith("data:"):
+        return _from_data_url(url, policy, where)
+    if url.startswith(("http://", "https://")):
+        return _from_remote(url, policy, where)
+    if url.startswith("file://") or "://" not in url:
+        return _from_local_path(url, policy, where)
+    raise APIError(400, f"{where}: unsupported image URL scheme in {url[:40]!r}", param="messages")
+
+
+def resolve_messages(messages: list[dict], policy: MediaPolicy) -> list[dict]:
+    """Messages with every image_url part replaced by {"type": "image", "image": bytes} (engine input)."""
+    resolved, count = [], 0
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part["type"] == "image_url":
+                    url = part["image_url"]["url"] if isinstance(part["image_url"], dict) else part["image_url"]
+                    count += 1
+                    part = {"type": "image", "image": resolve_image(url, policy, f"image {count}")}
+                parts.append(part)
+            message = {**message, "content": parts}
+        resolved.append(message)
+    return resolved

@@ -1,0 +1,160 @@
+"""The chat-completions request body -> engine inputs, and the response and stream-chunk objects.
+
+Validation is explicit so each problem gets a 400 naming the field. Extensions beyond the OpenAI API (as in
+vLLM): `top_k`, `repetition_penalty`, `ignore_eos`, and `max_dynamic_patch` (max tiles per image).
+"""
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from ..sampling_params import SamplingParams
+from .errors import APIError
+
+MAX_STOP_STRINGS = 16
+_ROLES = ("system", "developer", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    messages: list[dict]  # OpenAI messages; image_url parts not yet resolved
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    max_tiles: int | None
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise APIError(400, f"{name} must be a number, got {value!r}", param=name)
+    if value < low or value > high or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise APIError(400, f"{name} must be in {bracket}{low}, {high}], got {value!r}", param=name)
+    return float(value)
+
+
+def _integer(body: dict, name: str, low: int | None = None, high: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise APIError(400, f"{name} must be an integer, got {value!r}", param=name)
+    if (low is not None and value < low) or (high is not None and value > high):
+        limits = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise APIError(400, f"{name} must be {limits}, got {value}", param=name)
+    return value
+
+
+def _check_messages(messages: Any) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list", param="messages")
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise APIError(400, f"{where} must be an object", param=where)
+        if message.get("role") not in _ROLES:
+            raise APIError(400, f"{where}.role must be one of {', '.join(_ROLES)}, got {message.get('role')!r}",
+                           param=f"{where}.role")
+        content = message.get("content")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise APIError(400, f"{where}.content must be a string or a list of parts", param=f"{where}.content")
+        for number, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                continue
+            url = part.get("image_url") if kind == "image_url" else None
+            url = url.get("url") if isinstance(url, dict) else url
+            if kind == "image_url" and isinstance(url, str):
+                if message["role"] != "user":
+                    raise APIError(400, f"{where}: images are only accepted in user messages", param=where)
+                continue
+            raise APIError(400, f"{where}.content[{number}] must be a text part or an image_url part with a url, "
+                           f"got {part!r:.200}", param=f"{where}.content[{number}]")
+    return [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
+
+
+def parse_chat_request(body: Any, served_models: tuple[str, ...], max_tiles_limit: int) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if model not in served_models:
+        raise APIError(400, f"model {model!r} is not served here; available: {', '.join(served_models)}",
+                       param="model", code="model_not_found")
+    messages = _check_messages(body.get("messages"))
+    if _integer(body, "n", 1) not in (None, 1):
+        raise APIError(400, "only n=1 is supported", param="n")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
+            raise APIError(400, f"{name} is not supported (use repetition_penalty)", param=name)
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise APIError(400, "logprobs are not supported", param="logprobs")
+    if body.get("tools") or body.get("functions"):
+        raise APIError(400, "tools and function calling are not supported", param="tools")
+    response_format = body.get("response_format")
+    if response_format not in (None, {"type": "text"}):
+        raise APIError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
+    max_tokens = _integer(body, "max_completion_tokens", 1)
+    max_tokens = _integer(body, "max_tokens", 1) if max_tokens is None else max_tokens
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else (stop or [])
+    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
+        raise APIError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty "
+                       "strings", param="stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise APIError(400, f"stream must be a boolean, got {stream!r}", param="stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise APIError(400, "stream_options must be an object with a boolean include_usage", param="stream_options")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise APIError(400, f"ignore_eos must be a boolean, got {ignore_eos!r}", param="ignore_eos")
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        top_k=_integer(body, "top_k", -1) or -1,
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True),
+        seed=_integer(body, "seed"),
+        stop=tuple(stop),
+        ignore_eos=ignore_eos)
+    return ChatRequest(model, messages, params, stream, bool(options.get("include_usage", False)),
+                       _integer(body, "max_dynamic_patch", 1, max_tiles_limit))
+
+
+# ---- responses ----
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def usage(output: Any) -> dict:
+    prompt, completion = output.num_prompt_tokens, len(output.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": output.num_cached_tokens},
+            "image_tiles": output.num_image_tiles}
+
+
+def completion(request_id: str, model: str, output: Any) -> dict:
+    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": output.text},
+                         "logprobs": None, "finish_reason": output.finish_reason}],
+            "usage": usage(output)}
+
+
+def chunk(request_id: str, model: str, created: int, delta: dict | None, finish_reason: str | None = None,
+          usage_: dict | None = None) -> dict:
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+    body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": choices}
+    if usage_ is not None:
+        body["usage"] = usage_
+    return body
