@@ -3,6 +3,7 @@ image spans and pixel values. Every problem raises a ValueError (ImageLoadError 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from .config import InternVLConfig
-from .image_processor import ImageLoadError, image_to_pixel_values, open_rgb_image
+from .image_processor import ImageLoadError, ImageTooLargeError, image_to_pixel_values, open_rgb_image
 from .image_tiling import check_tiling_args, plan_tiles
 from .prompt import (IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, build_prompt, expand_image_placeholders,
                      prepare_chat_query)
@@ -67,13 +68,29 @@ def _messages_to_turns(messages: Sequence[Mapping[str, Any]]) -> tuple[str | Non
     return system, turns, pending, images
 
 
+def decode_data_url(url: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of a `data:<mime>;base64,<payload>` URL; ImageTooLargeError past `max_bytes` (checked before
+    decoding), ImageLoadError for anything malformed."""
+    header, comma, payload = url.partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise ImageLoadError("an image data URL must look like data:image/png;base64,<base64 bytes>")
+    if max_bytes is not None and len(payload) * 3 // 4 > max_bytes + 2:
+        raise ImageTooLargeError(f"the image is about {len(payload) * 3 // 4} bytes, over the limit of {max_bytes}")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ImageLoadError(f"invalid base64 in the image data URL ({err})") from None
+    if not data:
+        raise ImageLoadError("the image data URL is empty")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageTooLargeError(f"the image is {len(data)} bytes, over the limit of {max_bytes}")
+    return data
+
+
 def _decode_image_source(source: Any) -> Any:
     """data: URLs become bytes; paths, bytes and PIL images pass through."""
     if isinstance(source, str) and source.startswith("data:"):
-        try:
-            return base64.b64decode(source.split(",", 1)[1], validate=True)
-        except (ValueError, IndexError) as err:
-            raise ImageLoadError(f"invalid base64 in image data URL: {err}") from err
+        return decode_data_url(source)
     if isinstance(source, str) and source.startswith(("http://", "https://")):
         raise ImageLoadError("http(s) image URLs are not fetched; send the image bytes (a data URL) instead")
     return source

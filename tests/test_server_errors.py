@@ -84,7 +84,7 @@ BAD_REQUESTS = {
                                                               {"role": "assistant", "content": "yo"}]}, 400, None),
     "unknown part type": (chat_body([{"type": "audio", "audio": "..."}]), 400, None),
     "prompt too long": (chat_body("hi", max_tokens=10 ** 7), 400, "context_length_exceeded"),
-    "bad base64": (image_body("data:image/png;base64,!!!not-base64!!!"), 400, "invalid_base64"),
+    "bad base64": (image_body("data:image/png;base64,!!!not-base64!!!"), 400, "invalid_image"),
     "not an image": (image_body("data:image/png;base64," + base64.b64encode(b"hello, world").decode()), 400,
                      "invalid_image"),
     "truncated jpeg": (image_body(data_url(truncated_jpeg(), "JPEG")), 400, "invalid_image"),

@@ -6,14 +6,14 @@ client's behalf can be made to reach internal hosts. Runs in a worker thread (fi
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine_inputs import decode_data_url
+from ..image_processor import ImageLoadError, ImageTooLargeError
 from .errors import APIError
 
 
@@ -31,22 +31,12 @@ def _too_large(size: int, policy: MediaPolicy, where: str) -> APIError:
 
 
 def _from_data_url(url: str, policy: MediaPolicy, where: str) -> bytes:
-    header, comma, payload = url.partition(",")
-    if not comma or not header.endswith(";base64"):
-        raise APIError(400, f"{where}: a data URL must look like data:image/png;base64,<base64 bytes>",
-                       param="messages", code="invalid_image")
-    if len(payload) * 3 // 4 > policy.max_image_bytes + 2:  # before decoding anything
-        raise _too_large(len(payload) * 3 // 4, policy, where)
     try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise APIError(400, f"{where}: invalid base64 in the image data URL ({err})", param="messages",
-                       code="invalid_base64") from None
-    if not data:
-        raise APIError(400, f"{where}: the image data URL is empty", param="messages", code="invalid_image")
-    if len(data) > policy.max_image_bytes:
-        raise _too_large(len(data), policy, where)
-    return data
+        return decode_data_url(url, policy.max_image_bytes)
+    except ImageTooLargeError as err:
+        raise APIError(413, f"{where}: {err} (--max-image-bytes)", param="messages", code="image_too_large") from None
+    except ImageLoadError as err:
+        raise APIError(400, f"{where}: {err}", param="messages", code="invalid_image") from None
 
 
 def _from_local_path(url: str, policy: MediaPolicy, where: str) -> bytes:
