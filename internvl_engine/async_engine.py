@@ -59,10 +59,11 @@ class AsyncLLM:
         try:
             await admitted
         except BaseException:
-            self._queues.pop(prepared.request_id, None)
-            self._unfinished.discard(prepared.request_id)
             if admitted.cancelled() or not admitted.done():  # cancelled while waiting: it may still be queued
                 self.abort(prepared.request_id)
+            else:  # the engine refused it
+                self._queues.pop(prepared.request_id, None)
+                self._unfinished.discard(prepared.request_id)
             raise
         return prepared.request_id
 
@@ -95,6 +96,8 @@ class AsyncLLM:
 
     def abort(self, request_id: str) -> None:
         """Stop a request (idempotent); its stream ends with an "abort" output."""
+        if request_id not in self._unfinished and request_id not in self._queues:
+            return  # finished and delivered, or never known
         with self._inbox_lock:
             self._aborts.append(request_id)
         queue = self._queues.pop(request_id, None)
@@ -115,10 +118,6 @@ class AsyncLLM:
     @property
     def num_running(self) -> int:
         return self.llm.scheduler.num_running
-
-    @property
-    def is_running(self) -> bool:
-        return self._runner is not None and not self._runner.done()
 
     # ---- the engine loop ----
     def _ensure_running(self) -> None:

@@ -323,7 +323,7 @@ class LLM:
         live.detokenizer.update(request.output_token_ids)
         return RequestOutput(request_id, live.detokenizer.text, list(request.output_token_ids), None,
                              num_prompt_tokens=request.num_prompt_tokens, metrics=live.metrics, finished=False,
-                             num_image_tiles=sum(image.num_tiles for image in request.images))
+                             num_image_tiles=request.num_image_tiles)
 
     def _finish(self, request: Request) -> RequestOutput:
         live = self._live.pop(request.request_id)
@@ -341,7 +341,7 @@ class LLM:
                              reason.value if reason else None, error=request.error,
                              num_prompt_tokens=request.num_prompt_tokens, num_cached_tokens=request.num_cached_tokens,
                              num_preemptions=request.num_preemptions, metrics=metrics,
-                             num_image_tiles=sum(image.num_tiles for image in request.images))
+                             num_image_tiles=request.num_image_tiles)
 
     # ---- offline API ----
     def generate(self, requests: Iterable[Mapping[str, Any] | str],

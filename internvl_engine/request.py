@@ -63,6 +63,10 @@ class Request:
         return len(self.prompt_token_ids)
 
     @property
+    def num_image_tiles(self) -> int:
+        return sum(image.num_tiles for image in self.images)
+
+    @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
