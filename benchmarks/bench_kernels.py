@@ -154,7 +154,7 @@ def bench_pixel_unshuffle(dtype: torch.dtype, shapes: Shapes) -> None:
 def bench_tile_norm(shapes: Shapes) -> None:
     from bench_preprocess import seed_load_image, synthetic_image
 
-    from internvl_engine.image_processor import open_rgb_image, plan_tiles
+    from internvl_engine.preprocessing.cpu import open_rgb_image, plan_tiles
     from internvl_engine.kernels.tile_norm import tile_norm
 
     width, height, max_num = shapes.image

@@ -40,13 +40,14 @@ def percentiles(values: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from internvl_engine.engine import LLM
-    from internvl_engine.sampling_params import SamplingParams
+    from internvl_engine import LLM, SamplingParams
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the tiny demo checkpoint)")
     parser.add_argument("--preset", default=None, choices=["internvl-chat-v1-5", "mini-internvl-chat-2b-v1-5"])
     parser.add_argument("--random-weights", action="store_true", help="with --preset: real shapes, random weights")
+    parser.add_argument("--tokenizer", default=None,
+                        help="with --preset: a folder with tokenizer files (default: the tiny demo tokenizer)")
     parser.add_argument("--num-requests", type=int, default=16)
     parser.add_argument("--image-sizes", default="1280x720,640x480", help="comma list WxH; '' for text only")
     parser.add_argument("--images-per-request", type=int, default=1)
@@ -66,9 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.preset:
         if not args.random_weights:
             parser.error("--preset needs --random-weights (or pass --model with a real checkpoint)")
-        llm = LLM(None, dtype=args.dtype, device=args.device, preset=args.preset, **options)
+        from internvl_engine.testing.checkpoint_builder import ensure_tiny_tokenizer
+
+        llm = LLM(None, dtype=args.dtype, device=args.device, preset=args.preset,
+                  tokenizer=args.tokenizer or ensure_tiny_tokenizer(), **options)
     else:
-        from internvl_engine.checkpoint_builder import ensure_tiny_checkpoint
+        from internvl_engine.testing.checkpoint_builder import ensure_tiny_checkpoint
 
         llm = LLM(args.model or ensure_tiny_checkpoint("internvl-chat-v1-5", seed=0), dtype=args.dtype,
                   device=args.device, **options)

@@ -28,8 +28,8 @@ if __package__ in (None, ""):  # run as a script from a checkout that is not pip
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from internvl_engine import image_processor
-from internvl_engine.image_processor import IMAGENET_MEAN, IMAGENET_STD, dynamic_preprocess, load_image
+from internvl_engine.preprocessing import cpu as image_processor
+from internvl_engine.preprocessing.cpu import IMAGENET_MEAN, IMAGENET_STD, dynamic_preprocess, load_image
 
 WIDTH, HEIGHT = 3840, 2160
 

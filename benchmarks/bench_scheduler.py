@@ -1,4 +1,4 @@
-"""Host cost of one decode step: `schedule()` + `prepare_batch()` + `update()` (CPU only, no model).
+"""Host cost of one decode step: `schedule()` + `build_batch()` + `update()` (CPU only, no model).
 
 256 running sequences with 1K-4K tokens of context (one image each, as InternVL prompts carry) decode one
 token per step. What is timed is everything the engine does on the host between two forward passes except
@@ -21,10 +21,10 @@ if __package__ in (None, ""):  # run as a script from a checkout that is not pip
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from internvl_engine.batch_metadata import prepare_batch  # noqa: E402
-from internvl_engine.block_manager import BlockManager  # noqa: E402
-from internvl_engine.request import ImageSpan, Request  # noqa: E402
-from internvl_engine.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from internvl_engine.engine.batch_builder import build_batch  # noqa: E402
+from internvl_engine.engine.block_manager import BlockManager  # noqa: E402
+from internvl_engine.engine.request import ImageSpan, Request  # noqa: E402
+from internvl_engine.engine.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
 IMAGE_TOKEN = 92546  # <IMG_CONTEXT> in InternLM2's vocabulary
 
@@ -54,7 +54,9 @@ def build(args: argparse.Namespace) -> tuple[Scheduler, list[Request]]:
     while any(request.num_computed_tokens < request.num_tokens - 1 for request in requests):  # prefill
         output = scheduler.schedule()
         held.update(image.content_hash for _, image in output.images_to_encode)
-        batch = prepare_batch(output, args.block_size)
+        features = {c.request.request_id: {image.content_hash: range(image.num_tokens) for image in c.request.images}
+                    for c in output.chunks}  # stand-ins: the prefill only needs something to slice
+        batch = build_batch(output, args.block_size, features)
         scheduler.update(output, {request_id: 13 for request_id in batch.logit_request_ids}, set())
     return scheduler, requests
 
@@ -78,7 +80,7 @@ def main() -> None:
         start = time.perf_counter_ns()
         output = scheduler.schedule()
         scheduled = time.perf_counter_ns()
-        batch = prepare_batch(output, args.block_size)
+        batch = build_batch(output, args.block_size)
         prepared = time.perf_counter_ns()
         sampled = {request_id: token for request_id in batch.logit_request_ids}
         scheduler.update(output, sampled, stop_token_ids)
@@ -96,7 +98,7 @@ def main() -> None:
           f"{min(contexts) - args.steps}-{max(contexts)} tokens, block size {args.block_size}, {args.steps} steps")
     print(f"per step (µs): mean {statistics.mean(totals):.0f}  median {statistics.median(totals):.0f}  "
           f"p99 {totals[int(0.99 * (len(totals) - 1))]:.0f}  max {totals[-1]:.0f}")
-    print(f"  schedule {statistics.mean(schedules):.0f}  prepare_batch {statistics.mean(prepares):.0f}  "
+    print(f"  schedule {statistics.mean(schedules):.0f}  build_batch {statistics.mean(prepares):.0f}  "
           f"update {statistics.mean(updates):.0f}  (means, µs)")
 
 

@@ -1,8 +1,9 @@
 """internvl-engine: inference for the InternVL 1.5 family (InternVL-Chat-V1.5, Mini-InternVL-Chat-2B/4B-V1.5).
 
-The public API mirrors the official model card:
+The public API mirrors the official model card, plus the engine:
 
     from internvl_engine import AutoModel, AutoTokenizer, load_image, dynamic_preprocess
+    from internvl_engine import LLM, SamplingParams, AsyncLLM
 
 Names resolve lazily (PEP 562), so importing a submodule such as `internvl_engine.config` stays cheap.
 """
@@ -13,20 +14,22 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "AutoModel": "hf_compat",
-    "AutoTokenizer": "hf_compat",
-    "InternVLChat": "hf_compat",
-    "PromptTooLongError": "hf_compat",
-    "load_image": "image_processor",
-    "dynamic_preprocess": "image_processor",
-    "ImageLoadError": "image_processor",
+    "AutoModel": "compat",
+    "AutoTokenizer": "compat",
+    "InternVLChat": "compat",
+    "GenerationConfig": "compat",
+    "load_image": "preprocessing.cpu",
+    "dynamic_preprocess": "preprocessing.cpu",
+    "ImageLoadError": "preprocessing.image_io",
     "InternVLConfig": "config",
     "ConfigError": "config",
-    "GenerationConfig": "sampler",
-    "WeightLoadError": "weights",
-    "LLM": "engine",
-    "RequestOutput": "engine",
-    "SamplingParams": "sampling_params",
+    "WeightLoadError": "models.weights",
+    "LLM": "engine.llm",
+    "AsyncLLM": "engine.async_llm",
+    "SamplingParams": "engine.sampling_params",
+    "RequestOutput": "engine.outputs",
+    "PromptTooLongError": "engine.errors",
+    "QueueFullError": "engine.errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,5 +1,5 @@
-"""`internvl-engine demo | chat | serve`: one chat turn about an image (tiles, token counts, stage times), or the
-OpenAI-compatible HTTP server."""
+"""`internvl-engine demo | chat | serve`: one chat turn about an image through the engine (tiles, token counts,
+stage times), or the OpenAI-compatible HTTP server."""
 from __future__ import annotations
 
 import argparse
@@ -28,69 +28,42 @@ def _device(name: str | None) -> torch.device:
 
 def run_turn(model_path: Path, image: Image.Image | str | None, question: str, max_tiles: int | None,
              max_new_tokens: int, dtype: str, device: torch.device, out=None) -> str:
-    """Load, preprocess, encode, prefill and decode once, printing what each stage did and how long it took."""
-    from .generation import generate
-    from .hf_compat import AutoModel, AutoTokenizer
-    from .image_processor import load_image
-    from .prompt import get_template, prepare_chat_query
-    from .sampler import GenerationConfig
+    """Load, then one greedy chat turn through the engine, printing what each stage did and how long it took."""
+    from .engine.llm import LLM
+    from .engine.sampling_params import SamplingParams
 
     out = out if out is not None else sys.stdout
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    timings: dict[str, float] = {}
     start = time.perf_counter()
-    model = AutoModel.from_pretrained(model_path, torch_dtype=dtype, device=device)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    timings["load checkpoint"] = time.perf_counter() - start
-    cfg = model.config
+    llm = LLM(model_path, dtype=None if dtype == "auto" else dtype, device=device)
+    load_seconds = time.perf_counter() - start
+    model, cfg = llm.model, llm.model.config
     print(f"model: {model_path}  ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
           f"{model.dtype}, {device})", file=out)
-
-    pixel_values = None
-    num_patches: list[int] = []
+    max_num = max_tiles if max_tiles is not None else cfg.max_dynamic_patch
+    request = {"prompt": question, "images": [image] if image is not None else [], "max_tiles": max_num}
+    result = llm.generate([request], SamplingParams(max_tokens=max_new_tokens, temperature=0.0))[0]
+    if result.error is not None:
+        raise ValueError(result.error)
     if image is not None:
-        start = time.perf_counter()
-        max_num = max_tiles if max_tiles is not None else cfg.max_dynamic_patch
-        pixel_values = load_image(image, input_size=cfg.image_size, max_num=max_num,
-                                  use_thumbnail=cfg.use_thumbnail)
-        timings["preprocess (tiling)"] = time.perf_counter() - start
-        num_patches = [pixel_values.shape[0]]
-        print(f"image: {pixel_values.shape[0]} tiles of {cfg.image_size}x{cfg.image_size} (max_num {max_num}), "
-              f"{pixel_values.shape[0] * model.num_image_token} visual tokens", file=out)
-
-    template = get_template(model.template or "internlm2-chat")
-    query, _ = prepare_chat_query(template.name, question, None, num_patches,
-                                  system_message=model._system_message(), num_image_token=model.num_image_token)
-    inputs = tokenizer(query, return_tensors="pt")
-    print(f"prompt: {inputs['input_ids'].shape[1]} tokens", file=out)
-
-    with torch.inference_mode():
-        start = time.perf_counter()
-        vit_embeds = model.extract_feature(pixel_values) if pixel_values is not None else None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timings["vision encoder + projector"] = time.perf_counter() - start
-        embeds = model.embed_inputs(inputs["input_ids"], vit_embeds)
-        stop = {tokenizer.convert_tokens_to_ids(template.stop_token), tokenizer.eos_token_id}
-        result = generate(model, embeds, inputs["attention_mask"], GenerationConfig(max_new_tokens=max_new_tokens),
-                          stop, tokenizer.pad_token_id, tokenizer.bos_token_id)
-    timings["LLM prefill"] = result.prefill_seconds
-    timings["LLM decode"] = result.decode_seconds
-    ids = result.sequences[0]
-    response = tokenizer.decode(ids, skip_special_tokens=True).split(template.stop_token)[0].strip()
-    print(f"generated: {len(ids)} tokens", file=out)
+        print(f"image: {result.num_image_tiles} tiles of {cfg.image_size}x{cfg.image_size} (max_num {max_num}), "
+              f"{result.num_image_tiles * model.num_image_token} visual tokens", file=out)
+    print(f"prompt: {result.num_prompt_tokens} tokens", file=out)
+    print(f"generated: {len(result.token_ids)} tokens", file=out)
+    stats = llm.stats
+    timings = {"load checkpoint": load_seconds, "preprocess (tiling)": stats["preprocess_s"],
+               "vision encoder + projector": stats["vit_s"], "LLM prefill": stats["prefill_step_s"],
+               "LLM decode": stats["decode_step_s"]}
     for stage, seconds in timings.items():
         print(f"  {stage:<28s} {seconds * 1000:9.1f} ms", file=out)
-    if len(ids) > 1:
-        print(f"  {'time per output token':<28s} {result.decode_seconds / (len(ids) - 1) * 1000:9.1f} ms", file=out)
+    if result.metrics.time_per_output_token is not None:
+        print(f"  {'time per output token':<28s} {result.metrics.time_per_output_token * 1000:9.1f} ms", file=out)
     print(f"question: {question}", file=out)
-    print(f"response: {response}", file=out)
-    return response
+    print(f"response: {result.text}", file=out)
+    return result.text
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .checkpoint_builder import ensure_tiny_checkpoint
+    from .testing.checkpoint_builder import ensure_tiny_checkpoint
 
     start = time.perf_counter()
     path = Path(args.model) if args.model else ensure_tiny_checkpoint(args.preset, seed=args.seed)

@@ -128,6 +128,12 @@ class LLMConfig:
     def num_key_value_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
+    @property
+    def max_context_length(self) -> int:
+        """Longest sequence served: max_position_embeddings, times the rope scaling factor when scaled."""
+        factor = self.rope_scaling.factor if self.rope_scaling is not None else 1.0
+        return int(self.max_position_embeddings * max(factor, 1.0))
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LLMConfig":
         w = "llm_config."

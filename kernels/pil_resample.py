@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from internvl_engine.image_resize import pillow_resizes_vertically_first
+from internvl_engine.preprocessing.resize import pillow_resizes_vertically_first
 
 PRECISION_BITS = 22  # Pillow's 8-bit path: 32 - 8 bits of value - 2 bits of headroom
 _BICUBIC_SUPPORT = 2.0

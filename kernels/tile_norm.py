@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from internvl_engine.image_processor import IMAGENET_MEAN, IMAGENET_STD, normalization_lut
-from internvl_engine.image_tiling import TilePlan
+from internvl_engine.preprocessing.cpu import IMAGENET_MEAN, IMAGENET_STD, normalization_lut
+from internvl_engine.preprocessing.tiling import TilePlan
 
 from .pil_resample import PRECISION_BITS, identity_tables, pil_resize_ref, resize_passes
 

@@ -6,8 +6,8 @@ import asyncio
 import pytest
 import torch
 
-from internvl_engine.async_engine import AsyncLLM
-from internvl_engine.sampling_params import SamplingParams
+from internvl_engine.engine.async_llm import AsyncLLM
+from internvl_engine.engine.sampling_params import SamplingParams
 
 from golden_utils import MODELS, checkpoint, golden_json
 
@@ -87,7 +87,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(capsys):
 
 
 def test_add_request_raises_what_the_engine_refuses():
-    from internvl_engine.scheduler import QueueFullError
+    from internvl_engine.engine.scheduler import QueueFullError
 
     engine = AsyncLLM.from_pretrained(checkpoint(MODELS[0]), dtype=torch.float32, device="cpu", backend="torch",
                                       max_waiting=1)

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from internvl_engine.block_manager import BlockManager
-from internvl_engine.request import ImageSpan, Request
+from internvl_engine.engine.block_manager import BlockManager
+from internvl_engine.engine.request import ImageSpan, Request
 
 IMAGE_TOKEN = 7  # every image placeholder shares this id, as <IMG_CONTEXT> does
 
@@ -43,6 +43,22 @@ def test_identical_prompts_share_full_blocks():
     assert (manager.prefix_hits_tokens, manager.prefix_queries_tokens) == (8, 20)
     compute(manager, second, 2)
     assert second.block_ids[2] != first.block_ids[2]  # the partial block is private
+
+
+def test_a_cache_salt_keeps_same_token_prompts_apart():
+    """Keys that depend on more than the tokens (a scaled rotary base) are shared only under the same salt."""
+    manager = BlockManager(num_blocks=16, block_size=4)
+    admit_and_compute(manager, make_request("plain", range(10)))
+    salted = make_request("salted", range(10))
+    salted.cache_salt = "rope-length:10"
+    assert manager.match_prefix(salted) == 0
+    admit_and_compute(manager, salted)
+    same = make_request("same", range(10))
+    same.cache_salt = "rope-length:10"
+    assert manager.match_prefix(same) == 8
+    other = make_request("other", range(10))
+    other.cache_salt = "rope-length:12"
+    assert manager.match_prefix(other) == 0
 
 
 def test_full_hit_recomputes_the_last_block_privately():

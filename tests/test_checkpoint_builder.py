@@ -12,9 +12,9 @@ import sentencepiece as spm
 import torch
 from safetensors import safe_open
 
-from internvl_engine.checkpoint_builder import (MARKER, PRESETS, REMOVE, build_tiny_checkpoint,
+from internvl_engine.testing.checkpoint_builder import (MARKER, PRESETS, REMOVE, build_tiny_checkpoint,
                                                 default_demo_checkpoint_dir, ensure_tiny_checkpoint, make_config)
-from internvl_engine.tiny_tokenizer import CHAT_TOKENS, INTERNVL_TOKENS
+from internvl_engine.testing.tiny_tokenizer import CHAT_TOKENS, INTERNVL_TOKENS
 
 from golden_utils import goldens_dir
 
@@ -241,3 +241,16 @@ def test_tokenizer_layout_matches_golden(tmp_path: Path) -> None:
     assert _read_json(folder / "config.json")["llm_config"]["vocab_size"] == size + len(added)
     for name in ("added_tokens.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         assert _read_json(folder / name) == _read_json(golden / name), name
+
+
+def test_tiny_tokenizer_alone_for_random_weight_presets(tmp_path):
+    from internvl_engine import AutoTokenizer
+    from internvl_engine.testing.checkpoint_builder import ensure_tiny_tokenizer
+
+    folder = ensure_tiny_tokenizer(tmp_path / "tokenizer")
+    assert ensure_tiny_tokenizer(tmp_path / "tokenizer") == folder  # built once
+    assert not list(folder.glob("*.safetensors")) and not (folder / "config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    added = json.loads((folder / "added_tokens.json").read_text(encoding="utf-8"))
+    assert set(added) == set(INTERNVL_TOKENS)
+    assert tokenizer.encode("<img><IMG_CONTEXT></img>")[1:] == [added[t] for t in ("<img>", "<IMG_CONTEXT>", "</img>")]

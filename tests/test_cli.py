@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from internvl_engine.cli import main
-from internvl_engine.image_tiling import plan_tiles
+from internvl_engine.preprocessing.tiling import plan_tiles
 
 from golden_utils import MODELS, checkpoint, golden_json, image_path
 

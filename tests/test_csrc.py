@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from internvl_engine.image_processor import normalization_lut, normalize_tiles_reference
+from internvl_engine.preprocessing.cpu import normalization_lut, normalize_tiles_reference
 
 try:
     from internvl_engine import _C

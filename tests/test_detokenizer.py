@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from internvl_engine.detokenizer import IncrementalDetokenizer, StreamText, find_stop, truncate_at_stop
-from internvl_engine.hf_compat import AutoTokenizer
+from internvl_engine.engine.detokenizer import IncrementalDetokenizer, StreamText, find_stop, truncate_at_stop
+from internvl_engine import AutoTokenizer
 
 from golden_utils import MODELS, checkpoint, golden_json
 

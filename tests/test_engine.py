@@ -1,4 +1,5 @@
-"""The continuous-batching engine gives the sequential `chat` path's greedy tokens, under any batching."""
+"""The continuous-batching engine gives each request's tokens when run alone (`model.generate`, the call `chat`
+makes, which the goldens check), under any batching: concurrency, chunking, preemption, caches, static decode."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -6,12 +7,8 @@ from functools import lru_cache
 import pytest
 import torch
 
-from internvl_engine import AutoModel, AutoTokenizer, load_image
-from internvl_engine.engine import LLM
-from internvl_engine.generation import generate
-from internvl_engine.prompt import get_template, prepare_chat_query
-from internvl_engine.sampler import GenerationConfig
-from internvl_engine.sampling_params import SamplingParams
+from internvl_engine import LLM, AutoModel, AutoTokenizer, SamplingParams, load_image
+from internvl_engine.text.templates import get_template, prepare_chat_query
 
 from golden_utils import MODELS, checkpoint, image_path
 
@@ -34,18 +31,19 @@ def reference(name: str):
 
 
 def sequential_tokens(name: str, question: str, images: list, max_tokens: int) -> list[int]:
-    """What `model.chat` generates for one request alone (the official loop with a dense cache)."""
+    """What `model.chat`'s `generate` call gives for this request alone, stopping where the engine does
+    (the template separator and EOS)."""
     model, tokenizer = reference(name)
     pixel_values = [load_image(image_path(n), max_num=m) for n, m in images]
     tiles = [p.shape[0] for p in pixel_values]
-    query, _ = prepare_chat_query(model.template, question, None, tiles, system_message=model._system_message(),
+    template = get_template(model.template)
+    query, _ = prepare_chat_query(model.template, question, None, tiles, system_message=template.system_message,
                                   has_images=bool(images))
     ids = tokenizer(query, return_tensors="pt")
-    vit = model.extract_feature(torch.cat(pixel_values)) if pixel_values else None
-    stop = {tokenizer.convert_tokens_to_ids(get_template(model.template).stop_token), tokenizer.eos_token_id}
-    result = generate(model, model.embed_inputs(ids["input_ids"], vit), ids["attention_mask"],
-                      GenerationConfig(max_new_tokens=max_tokens), stop, tokenizer.pad_token_id, tokenizer.bos_token_id)
-    return result.sequences[0]
+    stops = [tokenizer.convert_tokens_to_ids(template.stop_token), tokenizer.eos_token_id]
+    out = model.generate(torch.cat(pixel_values) if pixel_values else None, ids["input_ids"], ids["attention_mask"],
+                         max_new_tokens=max_tokens, eos_token_id=stops, tokenizer=tokenizer)
+    return out[0].tolist()
 
 
 def engine_request(question: str, images: list) -> dict:

@@ -7,8 +7,6 @@ import pytest
 import torch
 
 from internvl_engine import AutoModel, AutoTokenizer, load_image
-from internvl_engine.generation import generate
-from internvl_engine.sampler import GenerationConfig
 
 from golden_utils import MODELS, checkpoint, golden_json, golden_tensors, image_path, rel_l2
 from test_golden_model import run_case
@@ -59,9 +57,9 @@ def test_bf16_greedy_first_steps_follow_golden_where_margin_is_large(name):
     """Where the official bf16 run's top-1 margin is large, our bf16 greedy token agrees with it."""
     model, tokenizer = load(name, torch.bfloat16)
     spec = golden_json(name, "bf16")["chat"]["text_single"]
-    _, _, _, _, result = run_case(model, tokenizer, name, "text_single")
+    _, _, _, out = run_case(model, tokenizer, name, "text_single", kind="bf16")
     margins = spec["top1_minus_top2_logit_margin"][0]
-    for step, (ours, theirs) in enumerate(zip(result.sequences[0], spec["generated_ids"][0])):
+    for step, (ours, theirs) in enumerate(zip(out.sequences[0].tolist(), spec["generated_ids"][0])):
         if margins[step] < 0.25:
             break  # past a close call the two bf16 runs may legitimately diverge
         assert ours == theirs, step
@@ -84,14 +82,14 @@ def test_dynamic_ntk_rotary(case):
         ids = tokenizer(entry["prompt"], return_tensors="pt")
         assert ids["input_ids"].tolist() == entry["input_ids"]
         steps = len(entry["generated_ids"][0])
-        result = generate(model, model.embed_inputs(ids["input_ids"], None), ids["attention_mask"],
-                          GenerationConfig(max_new_tokens=steps), {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id},
-                          tokenizer.pad_token_id, tokenizer.bos_token_id, keep_logits=True)
+        out = model.generate(None, ids["input_ids"], ids["attention_mask"], max_new_tokens=steps,
+                             eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), output_logits=True,
+                             return_dict_in_generate=True)
         response = model.chat(tokenizer, None, entry["question"], dict(max_new_tokens=steps, do_sample=False))
         prefill = model(None, ids["input_ids"]).logits
     finally:
         rotary.max_position_embeddings = model.config.llm.max_position_embeddings
-    assert result.sequences == entry["generated_ids"]
+    assert out.sequences.tolist() == entry["generated_ids"]
     assert response == entry["response"]
     if case == "short_after_long_same_object":
         # The official object kept the base that a longer prompt grew; per-request scaling gives the fresh
@@ -99,4 +97,27 @@ def test_dynamic_ntk_rotary(case):
         assert rel_l2(prefill, tensors["ntk.short_fresh.prefill_logits"]) < 1e-4
         return
     assert rel_l2(prefill, tensors[f"ntk.{case}.prefill_logits"]) < 1e-4
-    assert rel_l2(torch.stack(result.step_logits), tensors[f"ntk.{case}.step_logits"]) < 1e-4
+    assert rel_l2(torch.stack(out.logits), tensors[f"ntk.{case}.step_logits"]) < 1e-4
+
+
+def test_dynamic_ntk_with_chunked_prefill_and_a_shared_prefix_cache():
+    """Every prompt chunk is rotated with the base of the whole prompt's length (what the official one-shot
+    prefill uses), and prompts past the threshold never reuse blocks of prompts of another length."""
+    model = AutoModel.from_pretrained(checkpoint(NTK_MODEL), torch_dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint(NTK_MODEL))
+    model.engine_options = {"max_num_batched_tokens": 7}  # prompts prefill in many chunks
+    cases = golden_json(NTK_MODEL, "ntk_fp32")
+    checked = 0
+    for case in ntk_cases():
+        entry = cases[case]
+        if case == "short_after_long_same_object":
+            continue  # the stateful official object's history, covered above
+        model.language_model.rotary.max_position_embeddings = entry["max_position_embeddings_override"]
+        steps = len(entry["generated_ids"][0])
+        out = model.generate(None, torch.tensor(entry["input_ids"]), max_new_tokens=steps, tokenizer=tokenizer,
+                             eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), output_logits=True,
+                             return_dict_in_generate=True)
+        assert out.sequences.tolist() == entry["generated_ids"], case
+        assert rel_l2(torch.stack(out.logits), golden_tensors(NTK_MODEL, "ntk_fp32")[f"ntk.{case}.step_logits"]) < 1e-4
+        checked += 1
+    assert checked >= 2

@@ -7,9 +7,7 @@ import pytest
 import torch
 
 from internvl_engine import AutoModel, AutoTokenizer, load_image
-from internvl_engine.generation import generate
-from internvl_engine.prompt import get_template
-from internvl_engine.sampler import GenerationConfig
+from internvl_engine.text.templates import get_template
 
 from golden_utils import MODELS, checkpoint, golden_json, golden_tensors, image_path, rel_l2
 
@@ -81,38 +79,49 @@ def test_llm_hidden_states(fp32):
         assert rel_l2(state, tensors[f"llm.text_single.hidden_state.{i}"]) < FP32_TOL, i
 
 
-def run_case(model, tokenizer, name: str, case: str, keep_logits: bool = True):
-    """Tokenise the golden's expanded prompt and generate greedily with our loop; returns (inputs, result)."""
-    spec = golden_json(name)["chat"][case]
+def run_case(model, tokenizer, name: str, case: str, kind: str = "fp32"):
+    """Tokenise the golden's expanded prompt (left padded) and run the official `generate` call that `chat` and
+    `batch_chat` make, through the engine, keeping each step's logits; returns (spec, pixel_values, inputs, out)."""
+    spec = golden_json(name, kind)["chat"][case]
     pixel_values = pixel_values_for(spec["call"]["images"])
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     inputs = tokenizer(spec["prompt_expanded"], return_tensors="pt", padding=True)
     tokenizer.padding_side = padding_side
     assert inputs["input_ids"].tolist() == spec["input_ids"]
-    vit = model.extract_feature(pixel_values) if pixel_values is not None else None
-    embeds = model.embed_inputs(inputs["input_ids"], vit)
-    cfg = GenerationConfig.from_mapping(spec["call"]["generation_config"])
-    sep = get_template(model.template).stop_token
-    stop = {tokenizer.convert_tokens_to_ids(sep), tokenizer.eos_token_id}
-    result = generate(model, embeds, inputs["attention_mask"], cfg, stop, tokenizer.pad_token_id,
-                      tokenizer.bos_token_id, keep_logits=keep_logits)
-    return spec, pixel_values, inputs, embeds, result
+    sep = tokenizer.convert_tokens_to_ids(get_template(model.template).stop_token)
+    assert sep == spec["eos_token_id"]
+    out = model.generate(pixel_values, inputs["input_ids"], inputs["attention_mask"], eos_token_id=sep,
+                         output_logits=True, return_dict_in_generate=True, **spec["call"]["generation_config"])
+    return spec, pixel_values, inputs, out
+
+
+def assert_steps_match(out, expected_ids: list[list[int]], golden_steps: torch.Tensor, pad_id: int, tol: float):
+    """Tokens as the official batch returns them (a stopped row padded with pad_id), and each row's step logits
+    for the steps it ran (the engine computes nothing for a row after it stopped)."""
+    sequences = out.sequences.tolist()
+    longest = len(sequences[0])
+    assert sequences == [row[:longest] for row in expected_ids]
+    assert all(t == pad_id for row in expected_ids for t in row[longest:])
+    steps = torch.stack(out.logits)  # [steps, batch, vocab]
+    for row, ids in enumerate(sequences):
+        computed = ~steps[:, row].isnan().any(-1)  # [steps]: the steps this row ran, first
+        count = int(computed.sum())
+        assert count >= 1 and computed[:count].all()
+        assert all(t == pad_id for t in ids[count:])
+        assert rel_l2(steps[:count, row], golden_steps[:count, row]) < tol, row
 
 
 @pytest.mark.parametrize("name,case", chat_cases())
 def test_chat_case_tokens_and_logits(name, case):
     model, tokenizer = load_fp32(name)
-    spec, pixel_values, inputs, embeds, result = run_case(model, tokenizer, name, case)
+    spec, pixel_values, inputs, out = run_case(model, tokenizer, name, case)
     tensors = golden_tensors(name)
-    for row, expected in zip(result.sequences, spec["generated_ids"]):
-        # The golden keeps emitting the pad id after a row stops; ours ends at the stop id.
-        assert row == expected[: len(row)]
-        assert all(t == tokenizer.pad_token_id for t in expected[len(row):])
-    steps = torch.stack(result.step_logits)  # [steps, batch, vocab]
-    golden_steps = tensors[f"chat.{case}.step_logits"]
-    assert rel_l2(steps, golden_steps[: steps.shape[0]]) < FP32_TOL
+    assert_steps_match(out, spec["generated_ids"], tensors[f"chat.{case}.step_logits"], tokenizer.pad_token_id,
+                       FP32_TOL)
     if f"chat.{case}.prefill_inputs_embeds" in tensors:
+        vit = model.extract_feature(pixel_values) if pixel_values is not None else None
+        embeds = model.embed_inputs(inputs["input_ids"], vit)
         assert rel_l2(embeds, tensors[f"chat.{case}.prefill_inputs_embeds"]) < FP32_TOL
     if f"chat.{case}.prefill_logits" in tensors:
         logits = model(pixel_values, inputs["input_ids"]).logits

@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from internvl_engine import image_processor
-from internvl_engine.image_processor import (ImageLoadError, TilePlan, candidate_grids, dynamic_preprocess,
+from internvl_engine.preprocessing import cpu as image_processor
+from internvl_engine.preprocessing.cpu import (ImageLoadError, TilePlan, candidate_grids, dynamic_preprocess,
                                              image_to_pixel_values, load_image, plan_tiles)
-from internvl_engine.image_resize import resize_tiles, split_resize_is_exact
+from internvl_engine.preprocessing.resize import resize_tiles, split_resize_is_exact
 
 from golden_utils import goldens_dir
 

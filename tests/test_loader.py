@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from internvl_engine import AutoModel, ConfigError, InternVLConfig, WeightLoadError
-from internvl_engine.loader import resolve_dtype
+from internvl_engine.models.loader import resolve_dtype
 
 from golden_utils import MODELS, checkpoint, golden_json, golden_tensors, rel_l2
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from internvl_engine.config import InternVLConfig
-from internvl_engine.engine import LLM
-from internvl_engine.hf_compat import InternVLChat
-from internvl_engine.presets import preset_config, randomize_
+from internvl_engine.engine.llm import LLM
+from internvl_engine.compat import InternVLChat
+from internvl_engine.models.presets import preset_config, randomize_
 
 from golden_utils import MODELS, checkpoint
 

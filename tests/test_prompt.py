@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from internvl_engine.prompt import (IMAGE_PLACEHOLDER, LEGACY_INTERNLM2_SYSTEM_MESSAGE, TEMPLATES, build_prompt,
+from internvl_engine.text.templates import (IMAGE_PLACEHOLDER, LEGACY_INTERNLM2_SYSTEM_MESSAGE, TEMPLATES, build_prompt,
                                     expand_image_placeholders, get_template, image_tokens, prepare_batch_queries,
                                     prepare_chat_query)
 

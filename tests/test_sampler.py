@@ -1,10 +1,29 @@
-"""Sampling semantics (transformers order: repetition penalty, temperature, top-k, top-p) and validation."""
+"""Sampling semantics (transformers order: repetition penalty, temperature, top-k, top-p), the batched sampler,
+and the model card's generation_config validation."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from internvl_engine.sampler import GenerationConfig, Sampler, apply_repetition_penalty, warp
+from internvl_engine.compat.generation_config import GenerationConfig
+from internvl_engine.worker.sampler import RowSampling, apply_repetition_penalty, filter_logits, sample_batch
+
+
+def warp(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    rows = logits.shape[0]
+    return filter_logits(logits, torch.full((rows,), temperature), torch.full((rows,), top_k),
+                         torch.full((rows,), top_p))
+
+
+def row(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, penalty: float = 1.0, seen=(),
+        generator: torch.Generator | None = None) -> RowSampling:
+    return RowSampling(temperature, top_k, top_p, penalty, list(seen), generator)
+
+
+def seeded(seed: int) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative():
@@ -15,40 +34,64 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative():
 
 def test_top_k_keeps_exactly_k_and_ties():
     logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
-    out = warp(logits, GenerationConfig(do_sample=True, top_k=2))
-    assert torch.isfinite(out).tolist() == [[False, True, False, True, False]]
+    assert torch.isfinite(warp(logits, top_k=2)).tolist() == [[False, True, False, True, False]]
 
 
 def test_top_p_matches_a_direct_computation():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
     for top_p in (0.1, 0.5, 0.9):
-        out = warp(logits, GenerationConfig(do_sample=True, top_k=0, top_p=top_p))
+        out = warp(logits, top_p=top_p)
         probs = logits.softmax(-1)
-        for row in range(4):
-            order = probs[row].argsort(descending=True)
-            cumulative = probs[row][order].cumsum(0)
+        for index in range(4):
+            order = probs[index].argsort(descending=True)
+            cumulative = probs[index][order].cumsum(0)
             # keep the smallest prefix of the most likely tokens whose mass reaches top_p
             keep_count = int((cumulative < top_p).sum()) + 1
             kept = set(order[:keep_count].tolist())
-            assert set(torch.isfinite(out[row]).nonzero().flatten().tolist()) == kept
+            assert set(torch.isfinite(out[index]).nonzero().flatten().tolist()) == kept
 
 
 def test_temperature_scales_logits():
     logits = torch.tensor([[1.0, 2.0]])
-    assert torch.equal(warp(logits, GenerationConfig(do_sample=True, temperature=0.5, top_k=0)), logits * 2)
+    assert torch.equal(warp(logits, temperature=0.5), logits * 2)
 
 
-def test_greedy_is_argmax_and_seeded_sampling_is_reproducible():
+def test_per_row_filters_equal_each_rows_own_filtering():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 40)
+    settings = [(0.7, 5, 1.0), (1.3, 0, 0.6), (1.0, 50, 0.9)]
+    batched = filter_logits(logits, torch.tensor([s[0] for s in settings]), torch.tensor([s[1] for s in settings]),
+                            torch.tensor([s[2] for s in settings]))
+    for index, (temperature, top_k, top_p) in enumerate(settings):
+        assert torch.equal(batched[index], warp(logits[index: index + 1], temperature, top_k, top_p)[0])
+
+
+def test_greedy_rows_take_the_argmax_after_their_penalty():
+    logits = torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]])
+    tokens = sample_batch(logits, [row(temperature=0.0), row(temperature=0.0, penalty=2.0, seen=[0, 0])])
+    assert tokens == [0, 1]  # 3 / 2 = 1.5 < 2
+
+
+def test_seeded_rows_are_reproducible_and_independent_of_their_neighbours():
+    torch.manual_seed(2)
     logits = torch.randn(3, 100)
-    seen = torch.ones(3, 1, dtype=torch.long)
-    assert torch.equal(Sampler(GenerationConfig(), "cpu")(logits, seen), logits.argmax(-1))
-    cfg = GenerationConfig(do_sample=True, seed=1234, top_k=0)
-    draws = [torch.stack([Sampler(cfg, "cpu")(logits, seen) for _ in range(1)]) for _ in range(2)]
-    assert torch.equal(draws[0], draws[1])
-    sampler = Sampler(cfg, "cpu")
-    many = torch.stack([sampler(logits, seen) for _ in range(20)])
-    assert len(set(many[:, 0].tolist())) > 1  # it samples, not argmax
+    alone = [sample_batch(logits[:1], [row(generator=seeded(5))])[0] for _ in range(2)]
+    with_others = sample_batch(logits, [row(generator=seeded(5)), row(generator=seeded(9)), row(temperature=0.0)])
+    assert alone[0] == alone[1] == with_others[0]
+    assert with_others[2] == int(logits[2].argmax())
+    draws = {sample_batch(logits[:1], [row()])[0] for _ in range(30)}
+    assert len(draws) > 1  # it samples, not argmax
+
+
+def test_rows_sharing_a_generator_draw_one_stream_in_row_order():
+    """batch_chat's rows share a generator: the draws equal one batched multinomial, as the official batch's."""
+    torch.manual_seed(3)
+    logits = torch.randn(3, 60)
+    generator = seeded(21)
+    tokens = sample_batch(logits, [row(generator=generator), row(temperature=0.0), row(generator=generator)])
+    expected = torch.multinomial(logits[[0, 2]].softmax(-1), 1, generator=seeded(21)).squeeze(1).tolist()
+    assert [tokens[0], tokens[2]] == expected
 
 
 @pytest.mark.parametrize("options,message", [
@@ -67,16 +110,11 @@ def test_invalid_parameters(options, message):
         GenerationConfig.from_mapping(options)
 
 
-def test_per_row_filters_equal_each_rows_own_configuration():
-    """The engine's batched call (one parameter set per row) filters each row as `chat` would alone."""
-    from internvl_engine.sampler import filter_logits
-
-    torch.manual_seed(1)
-    logits = torch.randn(3, 40)
-    configs = [GenerationConfig(do_sample=True, temperature=0.7, top_k=5, top_p=1.0),
-               GenerationConfig(do_sample=True, temperature=1.3, top_k=0, top_p=0.6),
-               GenerationConfig(do_sample=True, temperature=1.0, top_k=50, top_p=0.9)]
-    batched = filter_logits(logits, torch.tensor([c.temperature for c in configs]),
-                            torch.tensor([c.top_k for c in configs]), torch.tensor([c.top_p for c in configs]))
-    for row, cfg in enumerate(configs):
-        assert torch.equal(batched[row], warp(logits[row: row + 1], cfg)[0])
+def test_generation_config_maps_to_the_engines_official_semantics():
+    params = GenerationConfig.from_mapping(dict(max_new_tokens=8, do_sample=True, temperature=0.7)).sampling_params(
+        8, (92542,), 1, None)
+    assert (params.temperature, params.top_k, params.top_p) == (0.7, 50, 1.0)  # InternLM2's generation defaults
+    assert params.stop_token_ids == (92542,) and params.ignore_eos  # generate stops only at its eos_token_id
+    assert params.penalty_context_ids == (1,)  # transformers' generate penalises the BOS it seeds + outputs
+    greedy = GenerationConfig.from_mapping(dict(max_new_tokens=8)).sampling_params(8, (2,), 1, None)
+    assert greedy.greedy

@@ -1,4 +1,4 @@
-"""Scheduler: budgets, chunk order, chunked prefill, ViT tiles, preemption, admission; prepare_batch; a random run."""
+"""Scheduler: budgets, chunk order, chunked prefill, ViT tiles, preemption, admission; build_batch; a random run."""
 from __future__ import annotations
 
 import random
@@ -6,10 +6,10 @@ import zlib
 
 import pytest
 
-from internvl_engine.batch_metadata import prepare_batch
-from internvl_engine.block_manager import BlockManager
-from internvl_engine.request import FinishReason, ImageSpan, Request, RequestStatus
-from internvl_engine.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerOutput, _StepPlan
+from internvl_engine.engine.batch_builder import build_batch
+from internvl_engine.engine.block_manager import BlockManager
+from internvl_engine.engine.request import FinishReason, ImageSpan, Request, RequestStatus
+from internvl_engine.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerOutput, _StepPlan
 
 IMAGE_TOKEN = 7
 
@@ -28,7 +28,7 @@ class FakeEngine:
     def step(self, stop_token_ids: frozenset[int] = frozenset()) -> tuple[SchedulerOutput, list[Request]]:
         output = self.scheduler.schedule()
         self.features.update(image.content_hash for _, image in output.images_to_encode)
-        batch = prepare_batch(output, self.scheduler.config.block_size)
+        batch = build_batch(output, self.scheduler.config.block_size, fake_features(output))
         sampled = {}
         for chunk in output.chunks:  # the model's logits exist only where a chunk reaches its request's end
             request = chunk.request
@@ -309,27 +309,47 @@ def run_to_completion(engine: FakeEngine, max_steps: int = 10_000) -> list[Reque
     raise AssertionError("did not finish")
 
 
+def fake_features(output: SchedulerOutput) -> dict:
+    """Stand-ins for each image's features: row i of an image is ("feature", content hash, i)."""
+    return {chunk.request.request_id: {image.content_hash: [("feature", image.content_hash, i)
+                                                             for i in range(image.num_tokens)]
+                                       for image in chunk.request.images}
+            for chunk in output.chunks}
+
+
+def image_rows(batch) -> dict[int, tuple]:
+    """Flat row -> the feature the runner puts there."""
+    return {first + i: feature for first, features in batch.image_inserts for i, feature in enumerate(features)}
+
+
 def brute_force_batch(output: SchedulerOutput, block_size: int) -> dict:
-    tokens, positions, slots, logits = [], [], [], []
+    tokens, positions, rope_lengths, slots, logits, images = [], [], [], [], [], {}
     for chunk in output.chunks:
         request = chunk.request
         for position in range(request.num_computed_tokens, request.num_computed_tokens + chunk.num_new_tokens):
+            for image in request.images:
+                if image.offset <= position < image.end:
+                    images[len(tokens)] = ("feature", image.content_hash, position - image.offset)
             tokens.append(request.all_token_ids[position])
             positions.append(position)
+            # the official model's sequence length at this token: the padded prompt's, then one more per output
+            rope_lengths.append(max(position + 1, request.num_prompt_tokens) + request.rope_length_offset)
             slots.append(request.block_ids[position // block_size] * block_size + position % block_size)
         if request.num_computed_tokens + chunk.num_new_tokens == request.num_tokens:
             logits.append(len(tokens) - 1)
-    return {"input_token_ids": tokens, "positions": positions, "slot_ids": slots, "logit_indices": logits}
+    return {"input_token_ids": tokens, "positions": positions, "rope_lengths": rope_lengths, "slot_ids": slots,
+            "logit_indices": logits, "image_rows": images}
 
 
-def test_prepare_batch_matches_a_brute_force_computation():
+def test_build_batch_matches_a_brute_force_computation():
     engine = make_engine(num_blocks=64, max_num_batched_tokens=40)
     for index, length in enumerate((3, 30, 17, 9)):
         engine.scheduler.add_request(text(f"r{index}", length, max_tokens=5, first=0))  # shared prefixes
     for _ in range(6):
         output = engine.scheduler.schedule()
-        batch = prepare_batch(output, 4)
+        batch = build_batch(output, 4)
         expected = brute_force_batch(output, 4)
+        assert image_rows(batch) == expected.pop("image_rows") == {}
         for name, values in expected.items():
             assert getattr(batch, name) == values, name
         lens = [chunk.num_new_tokens for chunk in output.chunks]
@@ -354,7 +374,8 @@ def random_request(rng: random.Random, index: int) -> Request:
         images.append(ImageSpan(len(tokens), tiles * TOKENS_PER_TILE, tiles, content_hash))
         tokens += [IMAGE_TOKEN] * (tiles * TOKENS_PER_TILE)
     tokens += [rng.randrange(30, 40) for _ in range(rng.randrange(1, 60))]
-    return Request(f"r{index}", tokens, min(rng.randrange(1, 30), 160 - len(tokens)), images=images)
+    return Request(f"r{index}", tokens, min(rng.randrange(1, 30), 160 - len(tokens)), images=images,
+                   rope_length_offset=rng.choice((0, 0, 3)))  # as a left-padded batch_chat row
 
 
 def expected_kv(request: Request, position: int) -> tuple:
@@ -405,8 +426,11 @@ def simulate(seed: int, chunked: bool, prefix_caching: bool) -> None:
         # Over the tile budget only as a step's sole ViT work: one image (chunked) or one prompt's images.
         assert output.num_tiles <= 8 or len(set(first_owners.values())) == (1 if not chunked else len(distinct)) == 1
         engine.features.update(distinct)
-        batch = prepare_batch(output, 4)
-        assert batch.input_token_ids == brute_force_batch(output, 4)["input_token_ids"]
+        batch = build_batch(output, 4, fake_features(output))
+        expected = brute_force_batch(output, 4)
+        for name in ("input_token_ids", "positions", "rope_lengths", "slot_ids", "logit_indices"):
+            assert getattr(batch, name) == expected[name], name
+        assert image_rows(batch) == expected["image_rows"]
         for chunk, slot_start, table in zip(output.chunks, batch.query_start_locs, batch.block_tables):
             request = chunk.request
             start, end = request.num_computed_tokens, request.num_computed_tokens + chunk.num_new_tokens

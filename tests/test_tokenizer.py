@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from internvl_engine.tokenizer import AddedToken, InternLM2Tokenizer
+from internvl_engine.text.tokenizer import AddedToken, InternLM2Tokenizer
 
 from golden_utils import MODELS, golden_json, goldens_dir
 

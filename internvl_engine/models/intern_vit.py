@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
-from ..layers import RMSNorm, activation, make_norm
+from .layers import RMSNorm, activation, make_norm
 
 
 class VisionEmbeddings(nn.Module):

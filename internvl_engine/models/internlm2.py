@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import LLMConfig
-from ..layers import RMSNorm, RotaryEmbedding, activation, apply_rotary
+from .layers import RMSNorm, RotaryEmbedding, activation, apply_rotary
 
 
 class KVCacheLike(Protocol):

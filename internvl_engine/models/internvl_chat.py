@@ -1,18 +1,16 @@
 """InternVLChatModel: InternViT -> pixel shuffle -> mlp1 -> InternLM2, wired like the official model.
 
-The module only wires layers; `chat`/`batch_chat` live in `hf_compat.py` and the generation loop in
-`generation.py`, so the same model serves the engine later.
+The module only wires layers. Generation is the engine's (`engine/`, over `worker/`); the model-card API
+(`chat`, `batch_chat`, `generate`, `forward`) is a subclass in `compat/` that submits requests to the engine.
 """
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..config import InternVLConfig
-from ..kv_cache import DenseKVCache
 from .intern_vit import InternVisionModel
 from .internlm2 import InternLM2ForCausalLM
 from .projector import Projector, drop_cls_and_shuffle
@@ -23,12 +21,6 @@ BACKENDS = ("auto", "torch", "triton")
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
-
-
-@dataclass
-class CausalLMOutput:
-    logits: torch.Tensor  # [batch, seq, vocab] float32
-    hidden_states: list[torch.Tensor] | None = None
 
 
 class InternVLChatModel(nn.Module):
@@ -97,35 +89,3 @@ class InternVLChatModel(nn.Module):
         embeds = embeds.clone()
         embeds[selected] = flat.to(embeds.dtype)
         return embeds
-
-    def forward(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None, image_flags: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
-                **ignored) -> CausalLMOutput:
-        """One full forward as the official `forward`: logits [batch, seq, vocab] for every position.
-
-        image_flags [tiles] (or [tiles, 1]) marks real tiles (1) versus padding tiles (0). Positions default
-        to 0..seq-1 as in the official forward; `attention_mask` [batch, seq] masks padded keys.
-        """
-        input_ids = input_ids.to(self.device)
-        batch, seq = input_ids.shape
-        vit_embeds = None
-        if pixel_values is not None:
-            vit_embeds = self.extract_feature(pixel_values)
-            if image_flags is not None:
-                keep = image_flags.reshape(-1).to(self.device) == 1
-                vit_embeds = vit_embeds[keep]
-        embeds = self.embed_inputs(input_ids, vit_embeds)
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, seq, dtype=torch.bool, device=self.device)
-        if position_ids is None:
-            position_ids = torch.arange(seq, device=self.device).expand(batch, seq)
-        cfg = self.config.llm
-        cache = DenseKVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, seq,
-                             embeds.dtype, self.device)
-        cache.begin_forward(attention_mask.to(self.device).bool())
-        result = self.language_model(embeds, position_ids.to(self.device), cache, [seq] * batch,
-                                     output_hidden_states=output_hidden_states)
-        cache.end_forward()
-        hidden, states = result if output_hidden_states else (result, None)
-        return CausalLMOutput(logits=self.language_model.logits(hidden), hidden_states=states)

@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..async_engine import AsyncLLM
-from ..detokenizer import StreamText
+from ..engine.async_llm import AsyncLLM
+from ..engine.detokenizer import StreamText
 from .errors import APIError, engine_error, error_body
 from .media import MediaPolicy, resolve_messages
 from .metrics import CONTENT_TYPE, ServerMetrics

@@ -29,9 +29,8 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 def engine_error(err: BaseException) -> APIError:
     """An exception from preparing or queueing a request -> its HTTP error."""
-    from ..hf_compat import PromptTooLongError
-    from ..image_processor import ImageLoadError, ImageTooLargeError
-    from ..scheduler import QueueFullError
+    from ..engine.errors import PromptTooLongError, QueueFullError
+    from ..preprocessing.image_io import ImageLoadError, ImageTooLargeError
 
     if isinstance(err, QueueFullError):
         return APIError(503, f"the server is overloaded, retry later: {err}", code="queue_full")

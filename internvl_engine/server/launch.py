@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..image_processor import DEFAULT_MAX_PIXELS
+from ..preprocessing.image_io import DEFAULT_MAX_PIXELS
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +19,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--preset", default=None, choices=["internvl-chat-v1-5", "mini-internvl-chat-2b-v1-5"],
                        help="with --random-weights: the real shapes, random weights (benchmarks)")
     model.add_argument("--random-weights", action="store_true")
+    model.add_argument("--tokenizer", default=None,
+                       help="with --preset: a folder with the tokenizer files (default: the tiny demo tokenizer)")
     model.add_argument("--served-model-name", default=None,
                        help="the name clients send as 'model' (default: the folder's or preset's name)")
     http = parser.add_argument_group("HTTP")
@@ -54,8 +56,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_engine(args: argparse.Namespace):
     """(AsyncLLM, served model name) from the parsed arguments."""
-    from ..async_engine import AsyncLLM
-    from ..engine import LLM
+    from ..engine.async_llm import AsyncLLM
+    from ..engine.llm import LLM
 
     chosen = [name for name, value in (("--model", args.model), ("--tiny", args.tiny), ("--preset", args.preset))
               if value]
@@ -74,12 +76,16 @@ def build_engine(args: argparse.Namespace):
         path = Path(args.model)
         llm, name = LLM(path, dtype=args.dtype, device=args.device, **options), path.resolve().name
     elif args.tiny:
-        from ..checkpoint_builder import ensure_tiny_checkpoint
+        from ..testing.checkpoint_builder import ensure_tiny_checkpoint
 
         path = ensure_tiny_checkpoint(args.tiny, seed=args.seed)
         llm, name = LLM(path, dtype=args.dtype, device=args.device, **options), f"tiny-{args.tiny}"
     else:
-        llm = LLM(None, dtype=args.dtype, device=args.device, preset=args.preset, seed=args.seed, **options)
+        from ..testing.checkpoint_builder import ensure_tiny_tokenizer
+
+        tokenizer = args.tokenizer or ensure_tiny_tokenizer()
+        llm = LLM(None, dtype=args.dtype, device=args.device, preset=args.preset, seed=args.seed,
+                  tokenizer=tokenizer, **options)
         name = f"{args.preset}-random"
     return AsyncLLM(llm), args.served_model_name or name
 

@@ -12,8 +12,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine_inputs import decode_data_url
-from ..image_processor import ImageLoadError, ImageTooLargeError
+from ..engine.input_processor import decode_data_url
+from ..preprocessing.image_io import ImageLoadError, ImageTooLargeError
 from .errors import APIError
 
 

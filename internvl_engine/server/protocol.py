@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from ..sampling_params import SamplingParams
+from ..engine.sampling_params import SamplingParams
 from .errors import APIError
 
 MAX_STOP_STRINGS = 16

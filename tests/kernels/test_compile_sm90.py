@@ -173,8 +173,8 @@ def build_pixel_unshuffle(dtype, C, ps, tiles=13, seq=1025):
 
 
 def build_tile_norm(width, height, out, size=448, max_num=12):
-    from internvl_engine.image_processor import IMAGENET_MEAN, IMAGENET_STD, normalization_lut
-    from internvl_engine.image_tiling import plan_tiles
+    from internvl_engine.preprocessing.cpu import IMAGENET_MEAN, IMAGENET_STD, normalization_lut
+    from internvl_engine.preprocessing.tiling import plan_tiles
     from internvl_engine.kernels import tile_norm as mod
     dt = DTYPES[out]
     plan = plan_tiles(width, height, 1, max_num, size, True)

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from internvl_engine import ImageLoadError, load_image
-from internvl_engine.device_preprocess import load_image_on_device
+from internvl_engine.preprocessing.device import load_image_on_device
 
 from golden_utils import image_path
 

@@ -1,7 +1,7 @@
 """The whole chat on the "triton" backend (kernels under the interpreter on CPU) gives the torch backend's tokens.
 
-Triton path: ViT attention kernel, fused pixel unshuffle + LayerNorm, a paged KV cache read by the paged-decode
-kernel. Torch path: the reference modules and the dense cache.
+Both run on the engine's paged KV cache. Triton path: ViT attention kernel, fused pixel unshuffle + LayerNorm,
+the paged-decode kernel. Torch path: the reference modules and the paged-decode reference.
 """
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ import pytest
 import torch
 
 from internvl_engine import AutoModel, AutoTokenizer, load_image
-from internvl_engine.generation import generate
-from internvl_engine.prompt import get_template
-from internvl_engine.sampler import GenerationConfig
 
 from golden_utils import MODELS, checkpoint, golden_json, image_path, rel_l2
 
@@ -60,20 +57,14 @@ def test_chat_tokens_match_between_backends(name, case):
     assert responses["triton"] == responses["torch"] == spec["response"]
 
 
-def test_paged_decode_path_generates_the_golden_tokens_for_a_batch():
-    """Left-padded batch on the paged cache (padding never stored): the official batch_chat's tokens."""
+def test_batch_chat_on_the_kernels_gives_the_official_responses():
+    """Left-padded rows of unequal lengths as separate engine requests, decoded by the paged-decode kernel."""
     name = MODELS[0]
-    spec = golden_json(name)["chat"]["text_single"]
+    spec = golden_json(name)["chat"]["batch"]
+    call = spec["call"]
     model, tokenizer = load(name, "triton")
-    tokenizer.padding_side = "left"
-    try:
-        inputs = tokenizer([spec["prompt_expanded"][0], "<|im_start|>user\nHi<|im_end|>"], return_tensors="pt",
-                           padding=True)
-    finally:
-        tokenizer.padding_side = "right"
-    assert inputs["attention_mask"][1, 0] == 0  # the short row really is padded
-    embeds = model.embed_inputs(inputs["input_ids"], None)
-    stop = {tokenizer.convert_tokens_to_ids(get_template(model.template).stop_token), tokenizer.eos_token_id}
-    result = generate(model, embeds, inputs["attention_mask"], GenerationConfig(max_new_tokens=16), stop,
-                      tokenizer.pad_token_id, tokenizer.bos_token_id)
-    assert result.sequences[0] == spec["generated_ids"][0][: len(result.sequences[0])]
+    questions = [call["questions"][1], "Hello, who are you?"]  # text only: the ViT kernels are tested above
+    responses = model.batch_chat(tokenizer, None, questions, dict(call["generation_config"]))
+    reference, _ = load(name, "torch")
+    assert responses == reference.batch_chat(tokenizer, None, questions, dict(call["generation_config"]))
+    assert responses[1] == reference.chat(tokenizer, None, questions[1], dict(call["generation_config"]))

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from internvl_engine.image_processor import load_image, normalization_lut
-from internvl_engine.image_resize import pillow_resizes_vertically_first
-from internvl_engine.image_tiling import TilePlan, plan_tiles
+from internvl_engine.preprocessing.cpu import load_image, normalization_lut
+from internvl_engine.preprocessing.resize import pillow_resizes_vertically_first
+from internvl_engine.preprocessing.tiling import TilePlan, plan_tiles
 from internvl_engine.kernels.pil_resample import pass_tables, pil_resize_ref, resize_passes
 from internvl_engine.kernels.tile_norm import tile_norm, tile_norm_bytes, tile_norm_ref
 

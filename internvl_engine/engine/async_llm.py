@@ -1,0 +1,180 @@
+"""`AsyncLLM`: the engine behind an asyncio front, streaming each request's outputs as they are produced.
+
+Only the engine's own thread touches the scheduler. A request is prepared (validated, tokenised, tiled) in a
+worker thread, so a 4K image never blocks the event loop, then handed to the engine thread through an inbox;
+`add_request` returns once the engine has queued it, or raises what the scheduler said (queue full, too
+large). One background task runs engine steps in a worker thread (the forward releases the GIL) while
+requests exist; each step first takes in new requests and aborts, then every step's new tokens are pushed to
+the queue of the request that got them. `abort(request_id)`, or a stream that its consumer leaves early (a
+client that disconnects), removes the request and frees its KV blocks at the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Mapping
+
+from .llm import LLM, PreparedRequest
+from .outputs import RequestOutput
+from .request import FinishReason
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class _StepResult:
+    admitted: list[tuple[asyncio.Future, BaseException | None]] = field(default_factory=list)
+    partial: list[RequestOutput] = field(default_factory=list)
+    finished: list[RequestOutput] = field(default_factory=list)
+    computed: bool = False
+
+
+class AsyncLLM:
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+        self._inbox_lock = threading.Lock()
+        self._new: list[tuple[PreparedRequest, asyncio.Future]] = []
+        self._aborts: list[str] = []
+        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}  # until its consumer is done with it
+        self._unfinished: set[str] = set()  # queued and not finished or aborted yet
+        self._runner: asyncio.Task | None = None
+        self.num_step_errors = 0
+
+    @classmethod
+    def from_pretrained(cls, model_path: Any, **kwargs: Any) -> "AsyncLLM":
+        return cls(LLM(model_path, **kwargs))
+
+    # ---- requests in ----
+    async def add_request(self, request: Mapping[str, Any] | str, sampling_params: SamplingParams | None = None,
+                          request_id: str | None = None) -> str:
+        """Prepare and queue one request; raises ValueError (bad input) or QueueFullError (retry later)."""
+        prepared = await asyncio.to_thread(self.llm.prepare, request, sampling_params, request_id)
+        admitted = asyncio.get_running_loop().create_future()
+        self._queues[prepared.request_id] = asyncio.Queue()
+        self._unfinished.add(prepared.request_id)
+        with self._inbox_lock:
+            self._new.append((prepared, admitted))
+        self._ensure_running()
+        try:
+            await admitted
+        except BaseException:
+            if admitted.cancelled() or not admitted.done():  # cancelled while waiting: it may still be queued
+                self.abort(prepared.request_id)
+            else:  # the engine refused it
+                self._queues.pop(prepared.request_id, None)
+                self._unfinished.discard(prepared.request_id)
+            raise
+        return prepared.request_id
+
+    async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Partial outputs (finished=False) after each new token, then the final one. Leaving early aborts."""
+        queue = self._queues.get(request_id)
+        if queue is None:
+            raise KeyError(f"no request {request_id!r} is streaming")
+        finished = False
+        try:
+            while not finished:
+                output = await queue.get()
+                finished = output.finished
+                yield output
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:  # the consumer went away: stop computing for it
+                self.abort(request_id)
+
+    async def generate(self, request: Mapping[str, Any] | str, sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """`add_request` + `stream`; an invalid request yields one finished output with its error."""
+        try:
+            request_id = await self.add_request(request, sampling_params, request_id)
+        except (ValueError, OSError, RuntimeError) as err:
+            yield RequestOutput(request_id or "", "", [], FinishReason.ERROR.value, error=str(err))
+            return
+        async for output in self.stream(request_id):
+            yield output
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (idempotent); its stream ends with an "abort" output."""
+        if request_id not in self._unfinished and request_id not in self._queues:
+            return  # finished and delivered, or never known
+        with self._inbox_lock:
+            self._aborts.append(request_id)
+        queue = self._queues.pop(request_id, None)
+        if queue is not None and request_id in self._unfinished:
+            queue.put_nowait(RequestOutput(request_id, "", [], FinishReason.ABORT.value))
+        self._unfinished.discard(request_id)
+        self._ensure_running()  # the engine thread applies it at its next step
+
+    # ---- state, read by the server's metrics (plain reads of counters: no lock needed) ----
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._unfinished)
+
+    @property
+    def num_waiting(self) -> int:
+        return self.llm.scheduler.num_waiting + len(self._new)
+
+    @property
+    def num_running(self) -> int:
+        return self.llm.scheduler.num_running
+
+    # ---- the engine loop ----
+    def _ensure_running(self) -> None:
+        if self._runner is None or self._runner.done():
+            try:
+                self._runner = asyncio.get_running_loop().create_task(self._run())
+            except RuntimeError:  # no running loop (an abort from outside it): the next request's loop applies it
+                pass
+
+    def _step(self) -> _StepResult:
+        """One engine iteration, in the engine's thread: inbox, then a step if anything is unfinished."""
+        llm, result = self.llm, _StepResult()
+        with self._inbox_lock:
+            new, self._new = self._new, []
+            aborts, self._aborts = self._aborts, []
+        for prepared, admitted in new:
+            try:
+                llm.submit(prepared)
+                result.admitted.append((admitted, None))
+            except Exception as err:  # noqa: BLE001 - the caller gets it; the loop goes on
+                result.admitted.append((admitted, err))
+        for request_id in aborts:
+            llm.abort(request_id)
+        if not llm.scheduler.has_unfinished():
+            return result
+        try:
+            result.finished = llm.step()
+            result.computed = True
+            done = {output.request_id for output in result.finished}
+            result.partial = [llm.snapshot(rid) for rid in llm.last_step_sampled
+                              if rid not in done and rid in self._queues]
+        except Exception as err:  # noqa: BLE001 - a failed step fails its requests, the server keeps serving
+            self.num_step_errors += 1
+            traceback.print_exc(file=sys.stderr)
+            result.finished += llm.fail_all(f"engine step failed: {type(err).__name__}: {err}")
+            result.partial = []
+        return result
+
+    async def _run(self) -> None:
+        while self._unfinished or self._new or self._aborts:
+            result = await asyncio.to_thread(self._step)
+            for admitted, error in result.admitted:
+                if admitted.done():  # its caller was cancelled, and has asked to abort it
+                    continue
+                if error is None:
+                    admitted.set_result(None)
+                else:
+                    admitted.set_exception(error)
+            for output in result.partial:
+                queue = self._queues.get(output.request_id) if output.request_id in self._unfinished else None
+                if queue is not None:
+                    queue.put_nowait(output)
+            for output in result.finished:
+                self._unfinished.discard(output.request_id)
+                queue = self._queues.get(output.request_id)  # the consumer may not be reading yet
+                if queue is not None:
+                    queue.put_nowait(output)
+            if not result.computed:
+                await asyncio.sleep(0.001)  # nothing schedulable this round: do not spin

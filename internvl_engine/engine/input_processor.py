@@ -1,0 +1,216 @@
+"""Turn an engine request into token ids, image spans and what the ViT needs (or the features it made).
+
+A request is one of (a plain string is a "prompt"):
+- {"prompt": question, "images": [paths, bytes, PIL images, data URLs], "max_tiles": n}: one chat turn, built
+  as `model.chat(..., history=None)` builds it;
+- {"messages": OpenAI-style messages, "max_tiles": n}: the conversation's turns, images where they stand;
+- {"prompt_token_ids": ids, "pixel_values": [[tiles, 3, S, S] per image], "left_padding": n}: a tokenised
+  prompt whose `<IMG_CONTEXT>` runs are filled, in order, by the images' tiles (256 tokens each), or by
+  "image_features" ([tokens, hidden] per image, ViT already run). `left_padding` is the padding the prompt
+  would have in an official left-padded batch (see Request.rope_length_offset). This is what `model.chat`
+  and `batch_chat` submit.
+Every problem raises a ValueError (ImageLoadError for images) naming it.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from PIL import Image
+
+from ..config import InternVLConfig
+from ..preprocessing.cpu import image_to_pixel_values
+from ..preprocessing.image_io import ImageLoadError, ImageTooLargeError, open_rgb_image
+from ..preprocessing.tiling import check_tiling_args, plan_tiles
+from ..text.templates import (IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, build_prompt, expand_image_placeholders,
+                              prepare_chat_query)
+from ..text.tokenizer import InternLM2Tokenizer
+from .request import ImageSpan
+
+
+@dataclass
+class ProcessedInput:
+    prompt_token_ids: list[int]
+    images: list[ImageSpan]
+    pixel_values: dict[str, torch.Tensor]  # content hash -> [tiles, 3, 448, 448], for the ViT
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # content hash -> [tokens, hidden], given
+    left_padding: int = 0
+
+
+def _messages_to_turns(messages: Sequence[Mapping[str, Any]]) -> tuple[str | None, list[tuple[str, str]], str, list]:
+    """OpenAI messages -> (system, history pairs, last user text, images in order). Image parts become <image>."""
+    system, turns, images, pending = None, [], [], None
+    if not messages:
+        raise ValueError("messages must be a non-empty list")
+    for message in messages:
+        role, content = message.get("role"), message.get("content")
+        if isinstance(content, str):
+            text = content
+        elif isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.get("type") == "text":
+                    parts.append(part.get("text", ""))
+                elif part.get("type") in ("image", "image_url"):
+                    url = part.get("image_url", {}).get("url") if part.get("type") == "image_url" else part.get("image")
+                    images.append(url)
+                    parts.append(IMAGE_PLACEHOLDER + "\n")
+                else:
+                    raise ValueError(f"unsupported message content part type {part.get('type')!r}")
+            text = "".join(parts)
+        else:
+            raise ValueError(f"message content must be a string or a list of parts, got {type(content).__name__}")
+        if role == "system":
+            system = text
+        elif role == "user":
+            if pending is not None:
+                raise ValueError("two user messages in a row: expected user/assistant turns")
+            pending = text
+        elif role == "assistant":
+            if pending is None:
+                raise ValueError("an assistant message must follow a user message")
+            turns.append((pending, text))
+            pending = None
+        else:
+            raise ValueError(f"unknown message role {role!r}")
+    if pending is None:
+        raise ValueError("the last message must be from the user")
+    return system, turns, pending, images
+
+
+def decode_data_url(url: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of a `data:<mime>;base64,<payload>` URL; ImageTooLargeError past `max_bytes` (checked before
+    decoding), ImageLoadError for anything malformed."""
+    header, comma, payload = url.partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise ImageLoadError("an image data URL must look like data:image/png;base64,<base64 bytes>")
+    if max_bytes is not None and len(payload) * 3 // 4 > max_bytes + 2:
+        raise ImageTooLargeError(f"the image is about {len(payload) * 3 // 4} bytes, over the limit of {max_bytes}")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ImageLoadError(f"invalid base64 in the image data URL ({err})") from None
+    if not data:
+        raise ImageLoadError("the image data URL is empty")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageTooLargeError(f"the image is {len(data)} bytes, over the limit of {max_bytes}")
+    return data
+
+
+def _decode_image_source(source: Any) -> Any:
+    """data: URLs become bytes; paths, bytes and PIL images pass through."""
+    if isinstance(source, str) and source.startswith("data:"):
+        return decode_data_url(source)
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        raise ImageLoadError("http(s) image URLs are not fetched; send the image bytes (a data URL) instead")
+    return source
+
+
+def _content_hash(image: Image.Image, num_tiles: int) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"{image.width}x{image.height}:{num_tiles}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def tensor_hash(tensor: torch.Tensor) -> str:
+    """Content hash of a tensor (shape, dtype and bytes): the cache key of pre-tiled pixels or given features."""
+    data = tensor.detach().to("cpu").contiguous()
+    digest = hashlib.sha256(f"{tuple(data.shape)}:{data.dtype}:".encode())
+    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def image_spans(ids: Sequence[int], context_id: int, tokens_per_image: Sequence[int], hashes: Sequence[str],
+                num_image_token: int) -> list[ImageSpan]:
+    """Images fill the `<IMG_CONTEXT>` tokens of `ids` in order, each a contiguous run of its own tokens."""
+    total = sum(1 for token in ids if token == context_id)
+    if total != sum(tokens_per_image):
+        raise ValueError(f"the prompt has {total} {IMG_CONTEXT_TOKEN} tokens but the images give "
+                         f"{sum(tokens_per_image)} visual tokens ({sum(tokens_per_image) // num_image_token} tiles)")
+    spans, position = [], 0
+    for key, count in zip(hashes, tokens_per_image):
+        offset = ids.index(context_id, position)
+        if any(token != context_id for token in ids[offset: offset + count]):
+            raise ValueError(f"an image's {count} visual tokens must be one contiguous run of {IMG_CONTEXT_TOKEN} "
+                             f"(the run at token {offset} is shorter)")
+        spans.append(ImageSpan(offset=offset, num_tokens=count, num_tiles=max(count // num_image_token, 1),
+                               content_hash=key))
+        position = offset + count
+    return spans
+
+
+def _tokenized_request(request: Mapping[str, Any], context_id: int, config: InternVLConfig) -> ProcessedInput:
+    ids = [int(token) for token in request["prompt_token_ids"]]
+    padding = request.get("left_padding", 0)
+    if not isinstance(padding, int) or isinstance(padding, bool) or padding < 0:
+        raise ValueError(f"left_padding must be a non-negative integer, got {padding!r}")
+    pixel_values = list(request.get("pixel_values") or [])
+    features = list(request.get("image_features") or [])
+    if pixel_values and features:
+        raise ValueError("give an image's pixel_values or its image_features, not both")
+    tensors, given = {}, {}
+    tokens_per_image, hashes = [], []
+    for tiles in pixel_values:
+        if not isinstance(tiles, torch.Tensor) or tiles.dim() != 4 or tiles.shape[1] != config.vision.num_channels:
+            raise ValueError(f"pixel_values must be [tiles, 3, H, W] tensors (from load_image), got "
+                             f"{getattr(tiles, 'shape', type(tiles).__name__)}")
+        key = tensor_hash(tiles)
+        tensors[key] = tiles
+        tokens_per_image.append(tiles.shape[0] * config.num_image_token)
+        hashes.append(key)
+    for encoded in features:
+        if not isinstance(encoded, torch.Tensor) or encoded.dim() != 2 or encoded.shape[1] != config.llm.hidden_size:
+            raise ValueError(f"image_features must be [visual tokens, {config.llm.hidden_size}] tensors, got "
+                             f"{getattr(encoded, 'shape', type(encoded).__name__)}")
+        key = "features:" + tensor_hash(encoded)
+        given[key] = encoded
+        tokens_per_image.append(encoded.shape[0])
+        hashes.append(key)
+    spans = image_spans(ids, context_id, tokens_per_image, hashes, config.num_image_token)
+    return ProcessedInput(ids, spans, tensors, given, padding)
+
+
+def process_request(request: Mapping[str, Any] | str, tokenizer: InternLM2Tokenizer, config: InternVLConfig,
+                    template: str, system_message: str, max_pixels: int | None) -> ProcessedInput:
+    """One request (see the module's docstring), tokenised, its images opened and tiled."""
+    request = {"prompt": request} if isinstance(request, str) else dict(request)
+    context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    if "prompt_token_ids" in request:
+        return _tokenized_request(request, context_id, config)
+    max_tiles = request.get("max_tiles", config.max_dynamic_patch)
+    if "messages" in request:
+        system, history, question, sources = _messages_to_turns(request["messages"])
+        system = system if system is not None else system_message
+    else:
+        if "prompt" not in request:
+            raise ValueError("a request needs 'prompt', 'messages' or 'prompt_token_ids'")
+        question, history, system = request["prompt"], None, system_message
+        sources = list(request.get("images") or [])
+    try:
+        check_tiling_args(1, int(max_tiles), config.image_size)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"max_tiles: {err}") from None
+    pixel_values, tiles_per_image, hashes = {}, [], []
+    for source in sources:
+        image = open_rgb_image(_decode_image_source(source), max_pixels=max_pixels)
+        plan = plan_tiles(image.width, image.height, 1, int(max_tiles), config.image_size, config.use_thumbnail)
+        key = _content_hash(image, plan.num_tiles)
+        if key not in pixel_values:
+            pixel_values[key] = image_to_pixel_values(image, plan, config.image_size)
+        tiles_per_image.append(plan.num_tiles)
+        hashes.append(key)
+    if history:
+        query = build_prompt(template, question, history, system)
+        query = expand_image_placeholders(query, tiles_per_image, config.num_image_token)
+    else:
+        query, _ = prepare_chat_query(template, question, None, tiles_per_image, system_message=system,
+                                      num_image_token=config.num_image_token, has_images=bool(sources))
+    ids = tokenizer.encode(query)
+    spans = image_spans(ids, context_id, [tiles * config.num_image_token for tiles in tiles_per_image], hashes,
+                        config.num_image_token)
+    return ProcessedInput(ids, spans, pixel_values)

@@ -1,0 +1,345 @@
+"""`LLM`: continuous batching over a paged KV cache for tile-heavy InternVL requests.
+
+Each step is schedule -> execute -> update. The scheduler (plain Python) grants a token budget and a separate
+ViT tile budget; the engine encodes the granted images (batched along the tile axis, cached by content hash),
+runs one flattened forward for all scheduled chunks (decodes and prefill chunks together), samples each
+finished position with that request's own parameters, and hands the tokens back to the scheduler.
+
+Every generation in this package goes through here: `model.chat`/`batch_chat` (compat/) and the HTTP server
+submit requests to an `LLM` too.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models.internvl_chat import InternVLChatModel
+from ..models.loader import load_model, resolve_dtype
+from ..preprocessing.image_io import DEFAULT_MAX_PIXELS
+from ..text.templates import IMG_CONTEXT_TOKEN, get_template
+from ..text.tokenizer import InternLM2Tokenizer
+from ..worker.model_runner import ModelRunner
+from ..worker.sampler import RowSampling, sample_batch
+from .batch_builder import build_batch
+from .block_manager import BlockManager
+from .detokenizer import IncrementalDetokenizer
+from .errors import PromptTooLongError
+from .feature_cache import FeatureCache
+from .input_processor import process_request
+from .output_processor import final_output, hits_stop_string, partial_output
+from .outputs import RequestMetrics, RequestOutput
+from .request import FinishReason, ImageSpan, Request
+from .request_state import PreparedRequest, RequestState, make_generator
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, SchedulerConfig
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_bytes: int | None = None  # None: kv_cache_fraction of free device memory (CUDA) or 256 MiB (CPU)
+    kv_cache_fraction: float = 0.5
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    max_vit_tiles_per_step: int = 48
+    max_model_len: int | None = None
+    max_waiting: int = 4096
+    max_tiles_per_image: int = 40
+    feature_cache_bytes: int = 1 << 30
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS
+    enable_prefix_caching: bool = True
+    backend: str = "auto"
+    static_decode: bool | None = None  # decode steps on static buffers + CUDA graphs; None: on CUDA only
+
+
+class LLM:
+    """`LLM(model_path, dtype=..., device=..., **engine options)`; `generate(requests, sampling_params)`."""
+
+    def __init__(self, model_path: str | Path | None, dtype: torch.dtype | str | None = None,
+                 device: torch.device | str | None = None, preset: str | None = None, seed: int = 0,
+                 tokenizer: str | Path | InternLM2Tokenizer | None = None, **options: Any) -> None:
+        """model_path: an official checkpoint folder; or None with `preset` for the real shapes with random weights
+        built on the device (benchmarks), and `tokenizer`, a folder with the tokenizer files to use with them."""
+        config = EngineConfig(**options)
+        device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        target = resolve_dtype(dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if preset is not None:
+            from ..models.presets import build_random_model
+
+            if tokenizer is None:
+                raise ValueError(f"preset={preset!r} has random weights and no tokenizer: pass tokenizer=PATH, a folder "
+                                 "with tokenizer.model and the InternVL added tokens (a real checkpoint's, or "
+                                 "internvl_engine.testing's tiny one)")
+            model = build_random_model(preset, target, device, seed)
+        elif model_path is None:
+            raise ValueError("LLM needs a checkpoint path, or preset=... for random weights")
+        else:
+            model = load_model(model_path, dtype=target, device=device)
+            tokenizer = tokenizer if tokenizer is not None else model_path
+        if not isinstance(tokenizer, InternLM2Tokenizer):
+            tokenizer = InternLM2Tokenizer.from_pretrained(tokenizer)
+        self._setup(model.set_backend(config.backend), tokenizer, config)
+
+    @classmethod
+    def from_model(cls, model: InternVLChatModel, tokenizer: InternLM2Tokenizer, **options: Any) -> "LLM":
+        """An engine over a model already loaded (and placed on its device); its backend is the model's."""
+        llm = cls.__new__(cls)
+        llm._setup(model, tokenizer, EngineConfig(**{"backend": model.backend, **options}))
+        return llm
+
+    def _setup(self, model: InternVLChatModel, tokenizer: InternLM2Tokenizer, config: EngineConfig) -> None:
+        self.config = config
+        self.model = model.set_backend(config.backend)
+        self.tokenizer = tokenizer
+        if model.img_context_token_id is None:
+            model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+        self.template = get_template(model.template or "internlm2-chat")
+        self.stop_token_ids = {tokenizer.convert_tokens_to_ids(self.template.stop_token), tokenizer.eos_token_id}
+        max_model_len = config.max_model_len or model.config.llm.max_context_length
+        self.runner = ModelRunner(model, config.block_size, config.kv_cache_bytes, config.kv_cache_fraction,
+                                  max_model_len, config.max_num_seqs, config.static_decode)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
+                                          enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_vit_tiles_per_step=config.max_vit_tiles_per_step, max_model_len=max_model_len,
+            max_waiting=config.max_waiting, block_size=config.block_size),
+            self.block_manager, self._needs_encoding)
+        self.feature_cache = FeatureCache(config.feature_cache_bytes)
+        self._states: dict[str, RequestState] = {}
+        self._requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.last_step_sampled: list[str] = []  # request ids that got a token in the last step (streaming)
+        # Seconds and counts by stage, for benchmarks (bench_offline.py prints their shares).
+        self.stats = {"preprocess_s": 0.0, "vit_s": 0.0, "prefill_step_s": 0.0, "decode_step_s": 0.0,
+                      "tiles_encoded": 0, "steps": 0}
+
+    @staticmethod
+    def kv_cache_bytes_per_block(model: InternVLChatModel, block_size: int) -> int:
+        """Bytes of one KV block of `block_size` tokens (all layers, K and V) for `model`."""
+        return ModelRunner.bytes_per_block(model, block_size)
+
+    @property
+    def system_message(self) -> str:
+        """The system message of prompts built from text: the model's (`model.system_message`) or its template's."""
+        return self.model.system_message if self.model.system_message is not None else self.template.system_message
+
+    # ---- requests in ----
+    def add_request(self, request: Mapping[str, Any] | str, sampling_params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str | RequestOutput:
+        """Queue one request; returns its id, or a finished RequestOutput with an error if it is invalid."""
+        request_id = request_id or str(next(self._ids))
+        try:
+            return self.submit(self.prepare(request, sampling_params, request_id))
+        except (ValueError, OSError, RuntimeError) as err:
+            return RequestOutput(request_id, "", [], FinishReason.ERROR.value, error=str(err),
+                                 metrics=RequestMetrics(time.perf_counter()))
+
+    def prepare(self, request: Mapping[str, Any] | str, sampling_params: SamplingParams | None = None,
+                request_id: str | None = None) -> PreparedRequest:
+        """Validate, tokenise and tile one request without touching the scheduler (safe from any thread).
+
+        Raises ValueError naming the problem: ImageLoadError (ImageTooLargeError) for images,
+        PromptTooLongError when the prompt and max_tokens do not fit max_model_len.
+        """
+        request_id = request_id or str(next(self._ids))
+        params = sampling_params or SamplingParams()
+        arrival = time.perf_counter()
+        max_tiles = request.get("max_tiles") if isinstance(request, Mapping) else None
+        if max_tiles is not None and not (isinstance(max_tiles, int) and not isinstance(max_tiles, bool)
+                                          and 1 <= max_tiles <= self.config.max_tiles_per_image):
+            raise ValueError(f"max_tiles must be an integer between 1 and {self.config.max_tiles_per_image}, "
+                             f"got {max_tiles!r}")
+        processed = process_request(request, self.tokenizer, self.model.config, self.template.name,
+                                    self.system_message, self.config.max_image_pixels)
+        num_prompt, max_model_len = len(processed.prompt_token_ids), self.scheduler.config.max_model_len
+        if params.max_tokens is not None:
+            max_tokens = params.max_tokens
+        else:  # up to the context length, or to what the whole KV cache can hold
+            capacity = self.block_manager.num_blocks * self.block_manager.block_size + 1
+            max_tokens = min(max_model_len, capacity) - num_prompt
+        if num_prompt + max(max_tokens, 1) > max_model_len:
+            wanted = f" + max_tokens ({max_tokens})" if params.max_tokens is not None else " + 1 output token"
+            raise PromptTooLongError(f"the prompt ({num_prompt} tokens, images included){wanted} exceeds the "
+                                     f"context length (max_model_len {max_model_len})")
+        scheduled = Request(request_id, processed.prompt_token_ids, max_tokens, processed.images,
+                            arrival_time=arrival, stop_token_ids=self._stops(params),
+                            rope_length_offset=processed.left_padding)
+        scheduled.cache_salt = self._cache_salt(scheduled)
+        self.block_manager.check_fits(scheduled)
+        state = RequestState(params, make_generator(params, self.runner.device), processed.pixel_values,
+                             IncrementalDetokenizer(self.tokenizer), features=dict(processed.features),
+                             metrics=RequestMetrics(arrival))
+        self.stats["preprocess_s"] += time.perf_counter() - arrival
+        return PreparedRequest(scheduled, state)
+
+    def _cache_salt(self, request: Request) -> str | None:
+        """Prompt keys are rotated with the base of the (padded) prompt length: past max_position_embeddings
+        (dynamic NTK) that base differs by length, so such a prompt shares cached blocks only with prompts of
+        the same length. Output keys follow from their positions, so preemption still reuses a request's own."""
+        rotary = self.model.language_model.rotary
+        length = request.rope_length(0)
+        return None if rotary.base_for_length(length) == rotary.theta else f"rope-length:{length}"
+
+    def submit(self, prepared: PreparedRequest) -> str:
+        """Queue a prepared request (the engine's thread); raises ValueError or QueueFullError."""
+        request_id = prepared.request_id
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.scheduler.add_request(prepared.request)
+        self._requests[request_id] = prepared.request
+        self._states[request_id] = prepared.state
+        return request_id
+
+    def _stops(self, params: SamplingParams) -> frozenset[int]:
+        stops = set() if params.ignore_eos else set(self.stop_token_ids)
+        return frozenset(stops | set(params.stop_token_ids))
+
+    def abort(self, request_id: str) -> None:
+        request = self.scheduler.abort(request_id)
+        if request is not None:
+            self._states.pop(request_id, None)
+            self._requests.pop(request_id, None)
+
+    def _needs_encoding(self, request: Request, image: ImageSpan) -> bool:
+        state = self._states[request.request_id]
+        if image.content_hash in state.features:
+            return False
+        cached = self.feature_cache.get(image.content_hash)
+        if cached is not None:
+            state.features[image.content_hash] = cached
+            return False
+        return True
+
+    # ---- one step ----
+    def step(self) -> list[RequestOutput]:
+        """Schedule, encode images, run one forward, sample, update; returns the requests finished now."""
+        output = self.scheduler.schedule()
+        now = time.perf_counter()
+        for chunk in output.chunks:
+            metrics = self._states[chunk.request.request_id].metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
+                metrics.queue_time = now - metrics.arrival_time
+        if output.images_to_encode:
+            self._encode(output.images_to_encode)
+        if not output.chunks:
+            return []
+        forward_start = time.perf_counter()
+        features = {c.request.request_id: self._states[c.request.request_id].features for c in output.chunks}
+        meta = build_batch(output, self.config.block_size, features)
+        logits = self.runner.execute(meta)
+        sampled = self._sample([self._requests[rid] for rid in meta.logit_request_ids], logits)
+        self.last_step_sampled = list(sampled)
+        finished = self.scheduler.update(output, sampled, self.stop_token_ids)
+        done = {request.request_id for request in finished}
+        for request_id in sampled:  # stop strings, on each request's incrementally decoded text
+            request = self._requests[request_id]
+            if request_id not in done and hits_stop_string(request, self._states[request_id]):
+                self.scheduler.finish(request, FinishReason.STOP)
+                finished.append(request)
+        now = time.perf_counter()
+        self.stats["decode_step_s" if meta.is_decode_only else "prefill_step_s"] += now - forward_start
+        self.stats["steps"] += 1
+        for request_id in meta.logit_request_ids:
+            metrics = self._states[request_id].metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+                metrics.time_to_first_token = now - metrics.arrival_time
+        return [self._finish(request) for request in finished]
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """Ends every unfinished request with `error` (a step raised), freeing its blocks."""
+        requests = list(self.scheduler.running) + list(self.scheduler.waiting)
+        for request in requests:
+            self.scheduler.finish(request, FinishReason.ERROR, error)
+        return [self._finish(request) for request in requests]
+
+    def _encode(self, images: Sequence[tuple[Request, ImageSpan]]) -> None:
+        """All granted images in one ViT batch along the tile axis; features cached by content hash."""
+        start = time.perf_counter()
+        unique: dict[str, torch.Tensor] = {}
+        for request, image in images:
+            unique.setdefault(image.content_hash, self._states[request.request_id].pixel_values[image.content_hash])
+        pixel_values = torch.cat(list(unique.values()))
+        with torch.inference_mode():
+            features = self.model.extract_feature(pixel_values)  # [tiles, 256, hidden]
+        offset = 0
+        for key, pixels in unique.items():
+            tiles = pixels.shape[0]
+            encoded = features[offset: offset + tiles].reshape(-1, features.shape[-1])
+            offset += tiles
+            self.feature_cache.put(key, encoded)
+            for request, image in images:
+                if image.content_hash == key:
+                    state = self._states[request.request_id]
+                    state.features[key] = encoded  # pinned until the request finishes (survives preemption)
+                    state.pixel_values.pop(key, None)  # the tiles are no longer needed
+        elapsed = time.perf_counter() - start
+        self.stats["vit_s"] += elapsed
+        self.stats["tiles_encoded"] += pixel_values.shape[0]
+        for request, _ in images:
+            self._states[request.request_id].metrics.vit_time += elapsed
+
+    def _sample(self, requests: Sequence[Request], logits: torch.Tensor) -> dict[str, int]:
+        """logits [len(requests), vocab] float32 -> each request's next token, with its own parameters."""
+        if not requests:
+            return {}
+        rows = []
+        for index, request in enumerate(requests):
+            state = self._states[request.request_id]
+            params = state.params
+            penalized: Sequence[int] = ()
+            if params.repetition_penalty != 1.0:
+                context = request.prompt_token_ids if params.penalty_context_ids is None else params.penalty_context_ids
+                penalized = list(context) + request.output_token_ids
+            rows.append(RowSampling(params.temperature, params.top_k, params.top_p, params.repetition_penalty,
+                                    penalized, state.generator))
+            if params.return_logits:
+                state.logits.append(logits[index].to("cpu", copy=True))
+        tokens = sample_batch(logits, rows)
+        return {request.request_id: token for request, token in zip(requests, tokens)}
+
+    def snapshot(self, request_id: str) -> RequestOutput:
+        """A running request's output so far (finished=False), for streaming."""
+        return partial_output(self._requests[request_id], self._states[request_id])
+
+    def _finish(self, request: Request) -> RequestOutput:
+        self._requests.pop(request.request_id, None)
+        return final_output(request, self._states.pop(request.request_id), self.tokenizer, self.template.stop_token)
+
+    # ---- offline API ----
+    def generate(self, requests: Iterable[Mapping[str, Any] | str],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Run every request to completion; outputs in input order (errors included, in place)."""
+        requests = list(requests)
+        if isinstance(sampling_params, Sequence) and not isinstance(sampling_params, SamplingParams):
+            if len(sampling_params) != len(requests):
+                raise ValueError(f"{len(sampling_params)} sampling params for {len(requests)} requests")
+            per_request = list(sampling_params)
+        else:
+            per_request = [sampling_params or SamplingParams()] * len(requests)
+        results: dict[str, RequestOutput] = {}
+        order = []
+        for request, params in zip(requests, per_request):
+            handle = self.add_request(request, params)
+            if isinstance(handle, RequestOutput):
+                results[handle.request_id] = handle
+                order.append(handle.request_id)
+            else:
+                order.append(handle)
+        show = use_tqdm if use_tqdm is not None else len(requests) >= 16
+        with tqdm(total=len(order), initial=len(results), desc="requests", unit="req", disable=not show) as bar:
+            while self.scheduler.has_unfinished():
+                done = self.step()
+                for finished in done:
+                    results[finished.request_id] = finished
+                bar.update(len(done))
+        return [results[request_id] for request_id in order]

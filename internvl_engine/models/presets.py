@@ -1,0 +1,76 @@
+"""Full-size configurations of the released checkpoints, and random-weight models built directly on a device.
+
+`--preset internvl-chat-v1-5 --random-weights` lets a GPU benchmark run the real shapes (25.5B parameters)
+without the 51 GB download: parameters are allocated on the target device and filled there in place.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import InternVLConfig
+from .internvl_chat import InternVLChatModel
+
+_V15 = {
+    "vision_config": {"hidden_size": 3200, "num_hidden_layers": 45, "num_attention_heads": 25,
+                      "intermediate_size": 12800, "image_size": 448, "patch_size": 14, "norm_type": "rms_norm",
+                      "qk_normalization": True, "qkv_bias": False, "layer_norm_eps": 1e-6, "hidden_act": "gelu"},
+    "llm_config": {"architectures": ["InternLM2ForCausalLM"], "vocab_size": 92553, "hidden_size": 6144,
+                   "num_hidden_layers": 48, "num_attention_heads": 48, "num_key_value_heads": 8,
+                   "intermediate_size": 16384, "max_position_embeddings": 32768, "rope_theta": 1000000,
+                   "rope_scaling": {"type": "dynamic", "factor": 2.0}, "rms_norm_eps": 1e-5, "bias": False,
+                   "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2},
+    "select_layer": -1, "template": "internlm2-chat", "downsample_ratio": 0.5, "dynamic_image_size": True,
+    "use_thumbnail": True, "max_dynamic_patch": 12, "min_dynamic_patch": 1, "force_image_size": 448,
+}
+
+_MINI_2B = {
+    "vision_config": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                      "intermediate_size": 4096, "image_size": 448, "patch_size": 14, "norm_type": "layer_norm",
+                      "qk_normalization": False, "qkv_bias": True, "layer_norm_eps": 1e-6, "hidden_act": "gelu"},
+    "llm_config": {"architectures": ["InternLM2ForCausalLM"], "vocab_size": 92553, "hidden_size": 2048,
+                   "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 8,
+                   "intermediate_size": 8192, "max_position_embeddings": 32768, "rope_theta": 1000000,
+                   "rope_scaling": {"type": "dynamic", "factor": 2.0}, "rms_norm_eps": 1e-5, "bias": False,
+                   "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2},
+    "select_layer": -1, "ps_version": "v2", "template": "internlm2-chat", "downsample_ratio": 0.5,
+    "dynamic_image_size": True, "use_thumbnail": True, "max_dynamic_patch": 12, "min_dynamic_patch": 1,
+    "force_image_size": 448,
+}
+
+PRESETS = {"internvl-chat-v1-5": _V15, "mini-internvl-chat-2b-v1-5": _MINI_2B}
+
+
+def preset_config(name: str) -> InternVLConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return InternVLConfig.from_dict(PRESETS[name])
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fill every parameter in place on its own device: norms and layer scales near 1 / 0.1, the rest
+    N(0, 0.02), so activations stay finite at full depth. Deterministic for a seed and device."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("ls1", "ls2"):
+            param.fill_(0.1)
+        elif "norm" in name and leaf == "weight" or name.startswith("mlp1.0.") and leaf == "weight":
+            param.fill_(1.0)
+        elif leaf == "bias":
+            param.zero_()
+        else:
+            param.normal_(0.0, 0.02, generator=generator)
+    return model
+
+
+def build_random_model(name: str, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
+                       model_class: type[InternVLChatModel] = InternVLChatModel) -> InternVLChatModel:
+    """The preset's model with random weights, allocated directly on `device` (no host copy)."""
+    config = preset_config(name)
+    with torch.device("meta"):
+        model = model_class(config)
+    model = model.to(dtype=dtype).to_empty(device=device)  # meta -> dtype is free; then one allocation
+    return randomize_(model, seed).eval()

@@ -1,0 +1,98 @@
+"""Stream an official checkpoint's safetensors into a model built on the meta device.
+
+Tensors are read one at a time from memory-mapped shards, cast, and moved to the target device, so peak host
+memory stays around one tensor (well under one shard) rather than the whole model. Loading is strict: a
+missing, unexpected or wrongly shaped tensor raises `WeightLoadError` naming it. Module names equal the
+checkpoint names, so there is no rename table to drift out of date.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+
+class WeightLoadError(ValueError):
+    """A checkpoint's tensors do not match the model described by its config.json."""
+
+
+def list_shards(folder: Path) -> list[Path]:
+    """The shard files of a checkpoint: from model.safetensors.index.json, or a single model.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise WeightLoadError(f"{index}: cannot read the 'weight_map' of the shard index: {exc}") from exc
+        shards = sorted(set(weight_map.values()))
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise WeightLoadError(f"{index}: shard file(s) listed in the index are missing: {missing}")
+        return [folder / name for name in shards]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    raise WeightLoadError(f"{folder}: no model.safetensors, model.safetensors.index.json or *.safetensors found")
+
+
+def _split_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_path, _, leaf = name.rpartition(".")
+    return (model.get_submodule(module_path) if module_path else model), leaf
+
+
+def _index_shards(shards: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """name -> (shard, shape), read from the shard headers only."""
+    located: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for path in shards:
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise WeightLoadError(f"{path}: not a readable safetensors file: {exc}") from exc
+        with handle:
+            for name in handle.keys():
+                if name in located:
+                    raise WeightLoadError(f"tensor '{name}' appears in both {located[name][0].name} and {path.name}")
+                located[name] = (path, tuple(handle.get_slice(name).get_shape()))
+    return located
+
+
+def load_checkpoint(model: nn.Module, folder: str | Path, dtype: torch.dtype, device: torch.device | str,
+                    progress: bool | None = None) -> None:
+    """Fill every parameter of `model` (built on the meta device) from the checkpoint's shards.
+
+    progress: None shows the bar only for checkpoints over 1 GiB.
+    """
+    folder = Path(folder)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    shards = list_shards(folder)
+    total = sum(path.stat().st_size for path in shards)
+    located = _index_shards(shards)
+    unexpected = sorted(set(located) - set(expected))
+    if unexpected:
+        raise WeightLoadError(f"checkpoint has {len(unexpected)} unexpected tensor(s) the config does not "
+                              f"describe: {unexpected[:10]}")
+    missing = sorted(set(expected) - set(located))
+    if missing:
+        raise WeightLoadError(f"checkpoint is missing {len(missing)} tensor(s): {missing[:10]}")
+    for name, (path, shape) in located.items():
+        if shape != expected[name]:
+            raise WeightLoadError(f"tensor '{name}' in {path.name} has shape {list(shape)}, "
+                                  f"the config implies {list(expected[name])}")
+    show = progress if progress is not None else total > 2**30
+    with tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, unit_divisor=1024,
+              disable=not show) as bar:
+        for path in shards:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for name in handle.keys():
+                    raw = handle.get_tensor(name)
+                    module, leaf = _split_name(model, name)
+                    setattr(module, leaf, nn.Parameter(raw.to(device=device, dtype=dtype), requires_grad=False))
+                    bar.update(raw.numel() * raw.element_size())
+        bar.update(total - bar.n)  # the shards' headers

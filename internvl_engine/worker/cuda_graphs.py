@@ -1,0 +1,123 @@
+"""Decode steps on static, bucket-sized buffers, replayed as CUDA graphs on a GPU (eager elsewhere).
+
+A decode-only step (every scheduled request adds one token, no image) has a fixed shape once the batch is
+padded to a bucket: token ids, positions, slots, block tables (full width) and context lengths live in static
+buffers, padding rows write to a reserved scratch slot and read one token of it. On CUDA the step is captured
+once per bucket and replayed; the first replay is checked against the eager result and a bucket whose graph
+disagrees (or fails to capture) stays eager. On CPU the same static path runs eagerly, which is what the tests
+check against the dynamic path.
+"""
+from __future__ import annotations
+
+import torch
+
+from .attention import KVCache, pad_block_tables
+from ..models.internvl_chat import InternVLChatModel
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+_SPLIT_TOKENS = 512  # tokens per paged-decode split in a static (graph) step
+
+
+class _DecodeAttention:
+    """The `cache` of a static decode forward: store K/V through `slots`, attend with paged decode."""
+
+    def __init__(self, cache: KVCache, slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
+                 use_triton: bool) -> None:
+        self.cache, self.slots, self.tables, self.lens, self.use_triton = cache, slots, tables, lens, use_triton
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [1, heads, B, d]; k, v [1, kv_heads, B, d] -> [1, heads, B, d]."""
+        from ..kernels.paged_decode import paged_decode, paged_decode_ref
+
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys.view(-1, *keys.shape[2:])[self.slots] = k[0].transpose(0, 1)
+        values.view(-1, *values.shape[2:])[self.slots] = v[0].transpose(0, 1)
+        queries = q[0].transpose(0, 1)  # [B, heads, d]
+        if self.use_triton:
+            # A graph fixes the split count, so fix the split SIZE instead (as vLLM's 512-token partitions): the
+            # splits past a row's context exit at once, and long contexts still spread over many programs.
+            num_splits = max(1, -(-self.tables.shape[1] * self.cache.block_size // _SPLIT_TOKENS))
+            out = paged_decode(queries, keys, values, self.tables, self.lens, num_splits=num_splits, validate=False)
+        else:
+            out = paged_decode_ref(queries, keys, values, self.tables, self.lens)
+        return out.transpose(0, 1).unsqueeze(0)
+
+
+class DecodeGraphRunner:
+    def __init__(self, model: InternVLChatModel, cache: KVCache, scratch_block: int, max_blocks_per_seq: int,
+                 max_batch: int = BUCKETS[-1]) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = model.device
+        self.use_graphs = self.device.type == "cuda"
+        self.buckets = [b for b in BUCKETS if b <= max_batch] or [max_batch]
+        size = self.buckets[-1]
+        self.scratch_block = scratch_block
+        self.scratch_slot = scratch_block * cache.block_size
+        self.ids = torch.zeros(size, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(size, dtype=torch.long, device=self.device)
+        self.slots = torch.full((size,), self.scratch_slot, dtype=torch.long, device=self.device)
+        self.tables = torch.full((size, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=self.device)
+        self.lens = torch.ones(size, dtype=torch.int32, device=self.device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.eager_buckets: set[int] = set()
+        self._pool = None
+
+    def can_run(self, num_seqs: int, max_rope_length: int) -> bool:
+        """Static shapes need a bucket, and one rotary base for all rows (no dynamic-NTK scaling)."""
+        rotary = self.model.language_model.rotary
+        return num_seqs <= self.buckets[-1] and rotary.base_for_length(max_rope_length) == rotary.theta
+
+    def _forward(self, bucket: int) -> torch.Tensor:
+        """The decode step on the first `bucket` rows of the static buffers -> logits [bucket, vocab]."""
+        lm = self.model.language_model
+        attention = _DecodeAttention(self.cache, self.slots[:bucket], self.tables[:bucket], self.lens[:bucket],
+                                     self.model.resolved_backend() == "triton")
+        embeds = lm.embed(self.ids[:bucket][None])  # [1, B, H]
+        hidden = lm(embeds, self.positions[:bucket][None], attention, [0])  # base theta: can_run checked it
+        return lm.logits(hidden[0])
+
+    @torch.inference_mode()
+    def run(self, token_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
+            context_lens: list[int]) -> torch.Tensor:
+        """One decode step for n sequences -> logits [n, vocab] float32."""
+        n = len(token_ids)
+        bucket = next(b for b in self.buckets if b >= n)
+        width = self.tables.shape[1]
+        table = pad_block_tables(block_tables, bucket, width, fill=self.scratch_block)
+        pad = bucket - n
+        self.ids[:bucket].copy_(torch.tensor(token_ids + [0] * pad), non_blocking=True)
+        self.positions[:bucket].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.slots[:bucket].copy_(torch.tensor(slots + [self.scratch_slot] * pad), non_blocking=True)
+        self.lens[:bucket].copy_(torch.tensor(context_lens + [1] * pad, dtype=torch.int32), non_blocking=True)
+        self.tables[:bucket].copy_(table, non_blocking=True)
+        if not self.use_graphs or bucket in self.eager_buckets:
+            return self._forward(bucket)[:n]
+        if bucket not in self.graphs:
+            return self._capture(bucket)[:n]
+        graph, logits = self.graphs[bucket]
+        graph.replay()
+        return logits[:n].clone()
+
+    def _capture(self, bucket: int) -> torch.Tensor:
+        """Warm up (compiles the kernels), capture, replay once and compare with the eager logits."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                eager = self._forward(bucket)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._forward(bucket)
+            self._pool = graph.pool()
+            graph.replay()
+        except RuntimeError:
+            self.eager_buckets.add(bucket)
+            return eager
+        if not torch.allclose(logits, eager, rtol=1e-3, atol=1e-3):
+            self.eager_buckets.add(bucket)  # never trust a graph that disagrees with the eager step
+            return eager
+        self.graphs[bucket] = (graph, logits)
+        return logits.clone()

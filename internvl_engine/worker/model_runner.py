@@ -1,0 +1,70 @@
+"""KV cache sizing and allocation, and one forward of a continuous-batching step.
+
+`execute` takes the step's flat `BatchMetadata` (decodes and prefill chunks packed into one sequence [1, T]),
+puts the image features at their `<IMG_CONTEXT>` rows, runs the LLM over the paged cache, and computes the LM
+head only at the positions that are sampled. Decode-only steps go to the static (CUDA-graph) path when it can
+take them.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..models.internvl_chat import InternVLChatModel
+from .attention import AttentionBatch, KVCache, PagedAttention, pad_block_tables
+from .batch_metadata import BatchMetadata
+from .cuda_graphs import DecodeGraphRunner
+
+
+class ModelRunner:
+    def __init__(self, model: InternVLChatModel, block_size: int, kv_cache_bytes: int | None,
+                 kv_cache_fraction: float, max_model_len: int, max_num_seqs: int,
+                 static_decode: bool | None = None) -> None:
+        """static_decode: decode-only steps on bucket-sized static buffers (CUDA graphs on CUDA); None = on CUDA."""
+        self.model = model
+        self.device = model.device
+        cfg = model.config.llm
+        per_block = self.bytes_per_block(model, block_size)
+        if kv_cache_bytes is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                kv_cache_bytes = int(free * kv_cache_fraction)
+            else:
+                kv_cache_bytes = 256 << 20
+        self.num_blocks = kv_cache_bytes // per_block - 1  # the last block is the static decode's scratch
+        if self.num_blocks < 2:
+            raise ValueError(f"KV cache of {kv_cache_bytes} bytes holds fewer than 3 blocks of {per_block} bytes")
+        self.block_size = block_size
+        self.cache = KVCache(cfg.num_hidden_layers, self.num_blocks + 1, block_size, cfg.num_key_value_heads,
+                             cfg.head_dim, model.dtype, self.device)
+        self.decode_graphs = None
+        if static_decode or (static_decode is None and self.device.type == "cuda"):
+            self.decode_graphs = DecodeGraphRunner(model, self.cache, self.num_blocks, -(-max_model_len // block_size),
+                                                   max_batch=max_num_seqs)
+
+    @staticmethod
+    def bytes_per_block(model: InternVLChatModel, block_size: int) -> int:
+        cfg = model.config.llm
+        return KVCache.bytes_per_block(cfg.num_hidden_layers, block_size, cfg.num_key_value_heads, cfg.head_dim,
+                                       model.dtype)
+
+    @torch.inference_mode()
+    def execute(self, meta: BatchMetadata) -> torch.Tensor:
+        """One step -> logits [len(meta.logit_indices), vocab] float32 (rows in meta.logit_request_ids order)."""
+        graphs = self.decode_graphs
+        if graphs is not None and meta.is_decode_only and graphs.can_run(len(meta.query_lens), max(meta.rope_lengths)):
+            return graphs.run(meta.input_token_ids, meta.positions, meta.slot_ids, meta.block_tables,
+                              meta.context_lens)
+        device = self.device
+        lm = self.model.language_model
+        embeds = lm.embed(torch.tensor(meta.input_token_ids, dtype=torch.long, device=device)[None])  # [1, T, H]
+        for first_row, features in meta.image_inserts:
+            embeds[0, first_row: first_row + features.shape[0]] = features.to(embeds.dtype)
+        table = pad_block_tables(meta.block_tables, len(meta.block_tables),
+                                 max(len(blocks) for blocks in meta.block_tables))
+        batch = AttentionBatch(torch.tensor(meta.slot_ids, dtype=torch.long, device=device), meta.query_start_locs[:-1],
+                               meta.query_lens, meta.context_lens, table.to(device),
+                               use_triton=self.model.resolved_backend() == "triton")
+        hidden = lm(embeds, torch.tensor(meta.positions, device=device)[None], PagedAttention(self.cache, batch),
+                    torch.tensor(meta.rope_lengths, device=device)[None])
+        rows = torch.tensor(meta.logit_indices, dtype=torch.long, device=device)
+        return lm.logits(hidden[0].index_select(0, rows))
