@@ -14,7 +14,7 @@ from internvl_engine.engine.scheduler import Scheduler
 
 from golden_utils import MODELS, checkpoint, golden_json, image_path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "internvl_engine"
+PACKAGE = Path(__file__).resolve().parents[2] / "internvl_engine"
 
 
 @lru_cache(maxsize=None)

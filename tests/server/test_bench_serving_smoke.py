@@ -11,7 +11,7 @@ import pytest
 
 @pytest.mark.slow
 def test_bench_serving_spawns_a_server_and_reports(tmp_path, monkeypatch, capsys):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serving.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_serving.py"
     spec = importlib.util.spec_from_file_location("bench_serving", path)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "bench_serving", module)  # dataclasses look their module up there

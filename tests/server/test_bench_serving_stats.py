@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serving.py"
+path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_serving.py"
 spec = importlib.util.spec_from_file_location("bench_serving", path)
 bench = importlib.util.module_from_spec(spec)
 sys.modules["bench_serving"] = bench  # dataclasses look their module up there
