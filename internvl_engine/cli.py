@@ -50,7 +50,7 @@ def run_turn(model_path: Path, image: Image.Image | str | None, question: str, m
     print(f"prompt: {result.num_prompt_tokens} tokens", file=out)
     print(f"generated: {len(result.token_ids)} tokens", file=out)
     stats = llm.stats
-    timings = {"load checkpoint": load_seconds, "preprocess (tiling)": stats["preprocess_s"],
+    timings = {"load checkpoint + KV cache": load_seconds, "preprocess (tiling)": stats["preprocess_s"],
                "vision encoder + projector": stats["vit_s"], "LLM prefill": stats["prefill_step_s"],
                "LLM decode": stats["decode_step_s"]}
     for stage, seconds in timings.items():

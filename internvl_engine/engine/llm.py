@@ -85,7 +85,7 @@ class LLM:
             tokenizer = tokenizer if tokenizer is not None else model_path
         if not isinstance(tokenizer, InternLM2Tokenizer):
             tokenizer = InternLM2Tokenizer.from_pretrained(tokenizer)
-        self._setup(model.set_backend(config.backend), tokenizer, config)
+        self._setup(model, tokenizer, config)
 
     @classmethod
     def from_model(cls, model: InternVLChatModel, tokenizer: InternLM2Tokenizer, **options: Any) -> "LLM":
@@ -254,6 +254,7 @@ class LLM:
                 metrics.first_token_time = now
                 metrics.time_to_first_token = now - metrics.arrival_time
         return [self._finish(request) for request in finished]
+
     def fail_all(self, error: str) -> list[RequestOutput]:
         """Ends every unfinished request with `error` (a step raised), freeing its blocks."""
         requests = list(self.scheduler.running) + list(self.scheduler.waiting)
