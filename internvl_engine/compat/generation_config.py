@@ -12,8 +12,8 @@ from typing import Any, Mapping, Sequence
 from ..engine.sampling_params import SamplingParams
 
 _KNOWN_KEYS = {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
-               "num_beams", "eos_token_id", "pad_token_id", "max_length", "min_new_tokens", "output_logits",
-               "return_dict_in_generate"}
+               "num_beams", "eos_token_id", "pad_token_id", "max_length", "min_new_tokens"}
+# `generate` also takes output_logits and return_dict_in_generate; `chat` returns text, so it refuses them.
 
 
 @dataclass(frozen=True)
