@@ -56,7 +56,7 @@ def build(args: argparse.Namespace) -> tuple[Scheduler, list[Request]]:
         held.update(image.content_hash for _, image in output.images_to_encode)
         features = {c.request.request_id: {image.content_hash: range(image.num_tokens) for image in c.request.images}
                     for c in output.chunks}  # stand-ins: the prefill only needs something to slice
-        batch = build_batch(output, args.block_size, features)
+        batch = build_batch(output.chunks, args.block_size, features)
         scheduler.update(output, {request_id: 13 for request_id in batch.logit_request_ids}, set())
     return scheduler, requests
 
@@ -80,7 +80,7 @@ def main() -> None:
         start = time.perf_counter_ns()
         output = scheduler.schedule()
         scheduled = time.perf_counter_ns()
-        batch = build_batch(output, args.block_size)
+        batch = build_batch(output.chunks, args.block_size)
         prepared = time.perf_counter_ns()
         sampled = {request_id: token for request_id in batch.logit_request_ids}
         scheduler.update(output, sampled, stop_token_ids)

@@ -144,7 +144,8 @@ class InternVLChat(InternVLChatModel):
             generator = torch.Generator(device=self.device)
             generator.manual_seed(cfg.seed)
         params = cfg.sampling_params(max_tokens, cfg.stop_token_ids(self.config.llm.eos_token_id),
-                                     self.config.llm.bos_token_id, generator, return_logits=output_logits)
+                                     self.config.llm.bos_token_id, generator, self.config.llm.vocab_size,
+                                     return_logits=output_logits)
         outputs = run_rows(llm, [{"prompt_token_ids": ids, "left_padding": pad, **row_images}
                                  for ids, pad, row_images in zip(rows, pads, images)], params)
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else self.config.llm.pad_token_id

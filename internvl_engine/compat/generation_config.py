@@ -66,10 +66,11 @@ class GenerationConfig:
         return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
 
     def sampling_params(self, max_tokens: int, stop_token_ids: Sequence[int], bos_token_id: int, generator: Any,
-                        return_logits: bool = False) -> SamplingParams:
+                        vocab_size: int, return_logits: bool = False) -> SamplingParams:
         """The engine's parameters for one row: stops only at `stop_token_ids` (as `generate` stops only at its
-        eos_token_id), the penalty over the BOS that `generate` seeds plus the outputs, `generator` shared."""
+        eos_token_id), the penalty over the BOS that `generate` seeds plus the outputs, `generator` shared, top_k
+        clamped to the vocabulary (as transformers' TopKLogitsWarper does)."""
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature if self.do_sample else 0.0,
-                              top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
+                              top_p=self.top_p, top_k=min(self.top_k, vocab_size), repetition_penalty=self.repetition_penalty,
                               stop_token_ids=tuple(stop_token_ids), ignore_eos=True,
                               penalty_context_ids=(bos_token_id,), generator=generator, return_logits=return_logits)

@@ -1,22 +1,26 @@
 """`AsyncLLM`: the engine behind an asyncio front, streaming each request's outputs as they are produced.
 
 Only the engine's own thread touches the scheduler. A request is prepared (validated, tokenised, tiled) in a
-worker thread, so a 4K image never blocks the event loop, then handed to the engine thread through an inbox;
-`add_request` returns once the engine has queued it, or raises what the scheduler said (queue full, too
-large). One background task runs engine steps in a worker thread (the forward releases the GIL) while
-requests exist; each step first takes in new requests and aborts, then every step's new tokens are pushed to
+bounded preprocessing pool of its own (`PreprocessConfig`: workers, a cap on pending requests, a time limit
+per request), so a 4K image never blocks the event loop and a burst of heavy images never delays an engine
+step; it is then handed to the engine thread through an inbox. `add_request` returns once the engine has
+queued it, or raises what the scheduler said (queue full, too large). One background task runs engine steps
+on the engine's own thread (the forward releases the GIL) while requests exist; each step first takes in new requests and aborts, then every step's new tokens are pushed to
 the queue of the request that got them. `abort(request_id)`, or a stream that its consumer leaves early (a
 client that disconnects), removes the request and frees its KV blocks at the next step.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
+from .errors import InputLimitError, QueueFullError
 from .llm import LLM, PreparedRequest
 from .outputs import RequestOutput
 from .request import FinishReason
@@ -31,9 +35,30 @@ class _StepResult:
     computed: bool = False
 
 
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The preprocessing pool (image decoding, tiling, tokenisation), separate from the engine's thread."""
+
+    workers: int = 2
+    max_pending: int = 64  # requests queued for or in preprocessing; beyond it add_request raises QueueFullError
+    timeout_s: float | None = 60.0  # per request, queueing included: InputLimitError past it
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.max_pending < 1:
+            raise ValueError(f"preprocess workers and max_pending must be positive, got {self}")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ValueError(f"preprocess timeout_s must be positive or None, got {self.timeout_s!r}")
+
+
 class AsyncLLM:
-    def __init__(self, llm: LLM) -> None:
+    def __init__(self, llm: LLM, preprocess: PreprocessConfig | None = None) -> None:
         self.llm = llm
+        self.preprocess_config = preprocess or PreprocessConfig()
+        self._preprocess_pool = concurrent.futures.ThreadPoolExecutor(
+            self.preprocess_config.workers, thread_name_prefix="internvl-preprocess")
+        self._engine_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="internvl-engine")
+        self._pending_lock = threading.Lock()
+        self._num_preprocessing = 0  # submitted to the pool and not done (queued or running)
         self._inbox_lock = threading.Lock()
         self._new: list[tuple[PreparedRequest, asyncio.Future]] = []
         self._aborts: list[str] = []
@@ -47,10 +72,45 @@ class AsyncLLM:
         return cls(LLM(model_path, **kwargs))
 
     # ---- requests in ----
+    async def prepare(self, request: Mapping[str, Any] | str, sampling_params: SamplingParams | None = None,
+                      request_id: str | None = None,
+                      resolve: Callable[[Any], Mapping[str, Any] | str] | None = None) -> PreparedRequest:
+        """`LLM.prepare` in the preprocessing pool (after `resolve(request)`, e.g. fetching image URLs, there too),
+        within the time limit. Raises QueueFullError when max_pending requests are already preprocessing."""
+        config = self.preprocess_config
+        with self._pending_lock:
+            if self._num_preprocessing >= config.max_pending:
+                raise QueueFullError(f"{self._num_preprocessing} requests are already being preprocessed "
+                                     f"(limit {config.max_pending})")
+            self._num_preprocessing += 1
+        deadline = None if config.timeout_s is None else time.monotonic() + config.timeout_s
+
+        def work() -> PreparedRequest:
+            inputs = resolve(request) if resolve is not None else request
+            return self.llm.prepare(inputs, sampling_params, request_id, deadline=deadline)
+
+        try:
+            future = self._preprocess_pool.submit(work)
+        except BaseException:
+            self._preprocess_done(None)
+            raise
+        future.add_done_callback(self._preprocess_done)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), config.timeout_s)
+        except asyncio.TimeoutError:
+            future.cancel()  # dropped if still queued; a running one stops at its next deadline check
+            raise InputLimitError(f"preprocessing the request took longer than the limit of {config.timeout_s:g} s",
+                                  "preprocess_timeout_s") from None
+
+    def _preprocess_done(self, _: Any) -> None:
+        with self._pending_lock:
+            self._num_preprocessing -= 1
+
     async def add_request(self, request: Mapping[str, Any] | str, sampling_params: SamplingParams | None = None,
-                          request_id: str | None = None) -> str:
+                          request_id: str | None = None,
+                          resolve: Callable[[Any], Mapping[str, Any] | str] | None = None) -> str:
         """Prepare and queue one request; raises ValueError (bad input) or QueueFullError (retry later)."""
-        prepared = await asyncio.to_thread(self.llm.prepare, request, sampling_params, request_id)
+        prepared = await self.prepare(request, sampling_params, request_id, resolve)
         admitted = asyncio.get_running_loop().create_future()
         self._queues[prepared.request_id] = asyncio.Queue()
         self._unfinished.add(prepared.request_id)
@@ -120,6 +180,16 @@ class AsyncLLM:
     def num_running(self) -> int:
         return self.llm.scheduler.num_running
 
+    @property
+    def num_preprocessing(self) -> int:
+        """Requests queued for or in the preprocessing pool."""
+        return self._num_preprocessing
+
+    def shutdown(self) -> None:
+        """Stop the pools (queued preprocessing is dropped); the engine must not be used afterwards."""
+        self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
+        self._engine_thread.shutdown(wait=False, cancel_futures=True)
+
     # ---- the engine loop ----
     def _ensure_running(self) -> None:
         if self._runner is None or self._runner.done():
@@ -150,7 +220,7 @@ class AsyncLLM:
             done = {output.request_id for output in result.finished}
             result.partial = [llm.snapshot(rid) for rid in llm.last_step_sampled
                               if rid not in done and rid in self._queues]
-        except Exception as err:  # noqa: BLE001 - a failed step fails its requests, the server keeps serving
+        except Exception as err:  # noqa: BLE001 - the scheduler itself raised (a bug): fail what is in flight
             self.num_step_errors += 1
             traceback.print_exc(file=sys.stderr)
             result.finished += llm.fail_all(f"engine step failed: {type(err).__name__}: {err}")
@@ -159,7 +229,7 @@ class AsyncLLM:
 
     async def _run(self) -> None:
         while self._unfinished or self._new or self._aborts:
-            result = await asyncio.to_thread(self._step)
+            result = await asyncio.get_running_loop().run_in_executor(self._engine_thread, self._step)
             for admitted, error in result.admitted:
                 if admitted.done():  # its caller was cancelled, and has asked to abort it
                     continue

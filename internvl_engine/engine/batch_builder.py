@@ -4,15 +4,15 @@ Read between schedule() and update(): a chunk starts at its request's num_comput
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ..worker.batch_metadata import BatchMetadata
-from .scheduler import SchedulerOutput
+from .scheduler import ScheduledChunk
 
 
-def build_batch(output: SchedulerOutput, block_size: int,
+def build_batch(chunks: Sequence[ScheduledChunk], block_size: int,
                 features: Mapping[str, Mapping[str, Any]] | None = None) -> BatchMetadata:
-    """features: request id -> image content hash -> features [image tokens, hidden] (what the ViT produced)."""
+    """chunks: a step's (or part of a step's) scheduled chunks; features: request id -> image content hash -> features [image tokens, hidden] (what the ViT produced)."""
     input_token_ids: list[int] = []
     positions: list[int] = []
     rope_lengths: list[int] = []
@@ -25,7 +25,7 @@ def build_batch(output: SchedulerOutput, block_size: int,
     logit_request_ids: list[str] = []
     image_inserts: list[tuple[int, Any]] = []
     total = 0
-    for request, count in output.chunks:
+    for request, count in chunks:
         block_ids = request.block_ids
         start = request.num_computed_tokens
         end = start + count

@@ -8,3 +8,13 @@ class PromptTooLongError(ValueError):
 
 class QueueFullError(RuntimeError):
     """The waiting queue holds max_waiting requests: the caller should retry later (HTTP 503)."""
+
+
+class InputLimitError(ValueError):
+    """A request exceeds a work limit (images per request, prompt characters, preprocessing time): HTTP 413.
+
+    `limit` names the limit (the engine option or server flag) for messages and metrics."""
+
+    def __init__(self, message: str, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit

@@ -9,27 +9,40 @@ A request is one of (a plain string is a "prompt"):
   "image_features" ([tokens, hidden] per image, ViT already run). `left_padding` is the padding the prompt
   would have in an official left-padded batch (see Request.rope_length_offset). This is what `model.chat`
   and `batch_chat` submit.
-Every problem raises a ValueError (ImageLoadError for images) naming it.
+Every problem raises a ValueError (ImageLoadError for images) naming it. Work is bounded before it is done
+(`InputLimits`): the image count and the prompt's characters before anything else, each image's size from
+its header, and the prompt's length in tokens (images included) before any image is decoded.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import hashlib
+import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from PIL import Image
 
 from ..config import InternVLConfig
 from ..preprocessing.cpu import image_to_pixel_values
-from ..preprocessing.image_io import ImageLoadError, ImageTooLargeError, open_rgb_image
+from ..preprocessing.image_io import ImageLimits, ImageLoadError, ImageTooLargeError, OpenedImage, open_image
 from ..preprocessing.tiling import check_tiling_args, plan_tiles
 from ..text.templates import (IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, build_prompt, expand_image_placeholders,
                               prepare_chat_query)
 from ..text.tokenizer import InternLM2Tokenizer
+from .errors import InputLimitError
 from .request import ImageSpan
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """Work one request may ask for, refused before it is done (None: no limit)."""
+
+    image: ImageLimits = field(default_factory=ImageLimits)
+    max_images: int | None = 16  # images per request
+    max_prompt_chars: int | None = 1 << 20  # characters of all the request's text (1M: ~250K tokens)
 
 
 @dataclass
@@ -89,7 +102,8 @@ def decode_data_url(url: str, max_bytes: int | None = None) -> bytes:
     if not comma or not header.endswith(";base64"):
         raise ImageLoadError("an image data URL must look like data:image/png;base64,<base64 bytes>")
     if max_bytes is not None and len(payload) * 3 // 4 > max_bytes + 2:
-        raise ImageTooLargeError(f"the image is about {len(payload) * 3 // 4} bytes, over the limit of {max_bytes}")
+        raise ImageTooLargeError(f"the image is about {len(payload) * 3 // 4} bytes, over the limit of {max_bytes}",
+                                 "max_image_bytes")
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as err:
@@ -97,7 +111,7 @@ def decode_data_url(url: str, max_bytes: int | None = None) -> bytes:
     if not data:
         raise ImageLoadError("the image data URL is empty")
     if max_bytes is not None and len(data) > max_bytes:
-        raise ImageTooLargeError(f"the image is {len(data)} bytes, over the limit of {max_bytes}")
+        raise ImageTooLargeError(f"the image is {len(data)} bytes, over the limit of {max_bytes}", "max_image_bytes")
     return data
 
 
@@ -144,8 +158,21 @@ def image_spans(ids: Sequence[int], context_id: int, tokens_per_image: Sequence[
     return spans
 
 
-def _tokenized_request(request: Mapping[str, Any], context_id: int, config: InternVLConfig) -> ProcessedInput:
-    ids = [int(token) for token in request["prompt_token_ids"]]
+def _check_tensor(tensor: torch.Tensor, name: str) -> None:
+    if not torch.is_floating_point(tensor) or not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} must be finite floating-point tensors (nan or inf found, or an integer dtype)")
+
+
+def _tokenized_request(request: Mapping[str, Any], context_id: int, config: InternVLConfig,
+                       limits: InputLimits) -> ProcessedInput:
+    try:
+        ids = [int(token) for token in request["prompt_token_ids"]]
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError("prompt_token_ids must be a list of integers") from None
+    vocab = config.llm.vocab_size
+    if any(not 0 <= token < vocab for token in ids):
+        raise ValueError(f"prompt_token_ids must be in [0, {vocab}) (the vocabulary), got "
+                         f"{next(t for t in ids if not 0 <= t < vocab)}")
     padding = request.get("left_padding", 0)
     if not isinstance(padding, int) or isinstance(padding, bool) or padding < 0:
         raise ValueError(f"left_padding must be a non-negative integer, got {padding!r}")
@@ -153,12 +180,14 @@ def _tokenized_request(request: Mapping[str, Any], context_id: int, config: Inte
     features = list(request.get("image_features") or [])
     if pixel_values and features:
         raise ValueError("give an image's pixel_values or its image_features, not both")
+    _check_count(len(pixel_values) + len(features), limits)
     tensors, given = {}, {}
     tokens_per_image, hashes = [], []
     for tiles in pixel_values:
         if not isinstance(tiles, torch.Tensor) or tiles.dim() != 4 or tiles.shape[1] != config.vision.num_channels:
             raise ValueError(f"pixel_values must be [tiles, 3, H, W] tensors (from load_image), got "
                              f"{getattr(tiles, 'shape', type(tiles).__name__)}")
+        _check_tensor(tiles, "pixel_values")
         key = tensor_hash(tiles)
         tensors[key] = tiles
         tokens_per_image.append(tiles.shape[0] * config.num_image_token)
@@ -167,6 +196,7 @@ def _tokenized_request(request: Mapping[str, Any], context_id: int, config: Inte
         if not isinstance(encoded, torch.Tensor) or encoded.dim() != 2 or encoded.shape[1] != config.llm.hidden_size:
             raise ValueError(f"image_features must be [visual tokens, {config.llm.hidden_size}] tensors, got "
                              f"{getattr(encoded, 'shape', type(encoded).__name__)}")
+        _check_tensor(encoded, "image_features")
         key = "features:" + tensor_hash(encoded)
         given[key] = encoded
         tokens_per_image.append(encoded.shape[0])
@@ -175,13 +205,47 @@ def _tokenized_request(request: Mapping[str, Any], context_id: int, config: Inte
     return ProcessedInput(ids, spans, tensors, given, padding)
 
 
+def _check_count(num_images: int, limits: InputLimits) -> None:
+    if limits.max_images is not None and num_images > limits.max_images:
+        raise InputLimitError(f"the request has {num_images} images, over the limit of {limits.max_images} per "
+                              "request (max_images_per_request)", "max_images_per_request")
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise InputLimitError("preprocessing the request ran past its time limit", "preprocess_timeout_s")
+
+
+def _text_chars(request: Mapping[str, Any]) -> int:
+    if "messages" not in request:
+        prompt = request.get("prompt")
+        return len(prompt) if isinstance(prompt, str) else 0
+    total = 0
+    for message in request["messages"] if isinstance(request["messages"], (list, tuple)) else ():
+        content = message.get("content") if isinstance(message, Mapping) else None
+        parts = content if isinstance(content, list) else [{"text": content}]
+        total += sum(len(part["text"]) for part in parts if isinstance(part, Mapping)
+                     and isinstance(part.get("text"), str))
+    return total
+
+
 def process_request(request: Mapping[str, Any] | str, tokenizer: InternLM2Tokenizer, config: InternVLConfig,
-                    template: str, system_message: str, max_pixels: int | None) -> ProcessedInput:
-    """One request (see the module's docstring), tokenised, its images opened and tiled."""
+                    template: str, system_message: str, limits: InputLimits = InputLimits(),
+                    check_length: Callable[[int], None] | None = None,
+                    deadline: float | None = None) -> ProcessedInput:
+    """One request (see the module's docstring), tokenised, its images opened and tiled.
+
+    `check_length(num_prompt_tokens)` raises when the prompt (images included) is too long; it runs before any
+    image is decoded. `deadline` (time.monotonic()) is checked between images: InputLimitError past it.
+    """
     request = {"prompt": request} if isinstance(request, str) else dict(request)
     context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
     if "prompt_token_ids" in request:
-        return _tokenized_request(request, context_id, config)
+        return _tokenized_request(request, context_id, config, limits)
+    chars = _text_chars(request)
+    if limits.max_prompt_chars is not None and chars > limits.max_prompt_chars:
+        raise InputLimitError(f"the request's text has {chars} characters, over the limit of "
+                              f"{limits.max_prompt_chars} (max_prompt_chars)", "max_prompt_chars")
     max_tiles = request.get("max_tiles", config.max_dynamic_patch)
     if "messages" in request:
         system, history, question, sources = _messages_to_turns(request["messages"])
@@ -191,26 +255,40 @@ def process_request(request: Mapping[str, Any] | str, tokenizer: InternLM2Tokeni
             raise ValueError("a request needs 'prompt', 'messages' or 'prompt_token_ids'")
         question, history, system = request["prompt"], None, system_message
         sources = list(request.get("images") or [])
+    _check_count(len(sources), limits)
     try:
         check_tiling_args(1, int(max_tiles), config.image_size)
     except (ValueError, TypeError) as err:
         raise ValueError(f"max_tiles: {err}") from None
-    pixel_values, tiles_per_image, hashes = {}, [], []
-    for source in sources:
-        image = open_rgb_image(_decode_image_source(source), max_pixels=max_pixels)
-        plan = plan_tiles(image.width, image.height, 1, int(max_tiles), config.image_size, config.use_thumbnail)
-        key = _content_hash(image, plan.num_tiles)
-        if key not in pixel_values:
-            pixel_values[key] = image_to_pixel_values(image, plan, config.image_size)
-        tiles_per_image.append(plan.num_tiles)
-        hashes.append(key)
-    if history:
-        query = build_prompt(template, question, history, system)
-        query = expand_image_placeholders(query, tiles_per_image, config.num_image_token)
-    else:
-        query, _ = prepare_chat_query(template, question, None, tiles_per_image, system_message=system,
-                                      num_image_token=config.num_image_token, has_images=bool(sources))
-    ids = tokenizer.encode(query)
+    opened: list[OpenedImage | None] = []
+    try:
+        for source in sources:  # headers only: sizes checked, tiles planned, nothing decoded yet
+            opened.append(open_image(_decode_image_source(source), limits.image))
+        plans = [plan_tiles(*image.size, 1, int(max_tiles), config.image_size, config.use_thumbnail)
+                 for image in opened]
+        tiles_per_image = [plan.num_tiles for plan in plans]
+        if history:
+            query = build_prompt(template, question, history, system)
+            query = expand_image_placeholders(query, tiles_per_image, config.num_image_token)
+        else:
+            query, _ = prepare_chat_query(template, question, None, tiles_per_image, system_message=system,
+                                          num_image_token=config.num_image_token, has_images=bool(sources))
+        ids = tokenizer.encode(query)
+        if check_length is not None:
+            check_length(len(ids))
+        pixel_values, hashes = {}, []
+        for index, (image, plan) in enumerate(zip(opened, plans)):
+            _check_deadline(deadline)
+            decoded = image.decode()
+            opened[index] = None
+            key = _content_hash(decoded, plan.num_tiles)
+            if key not in pixel_values:
+                pixel_values[key] = image_to_pixel_values(decoded, plan, config.image_size)
+            hashes.append(key)
+    finally:
+        for image in opened:
+            if image is not None:
+                image.close()
     spans = image_spans(ids, context_id, [tiles * config.num_image_token for tiles in tiles_per_image], hashes,
                         config.num_image_token)
     return ProcessedInput(ids, spans, pixel_values)

@@ -11,6 +11,7 @@ submit requests to an `LLM` too.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..models.internvl_chat import InternVLChatModel
 from ..models.loader import load_model, resolve_dtype
-from ..preprocessing.image_io import DEFAULT_MAX_PIXELS
+from ..preprocessing.image_io import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLimits
 from ..text.templates import IMG_CONTEXT_TOKEN, get_template
 from ..text.tokenizer import InternLM2Tokenizer
 from ..worker.model_runner import ModelRunner
@@ -31,13 +32,16 @@ from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .errors import PromptTooLongError
 from .feature_cache import FeatureCache
-from .input_processor import process_request
+from .input_processor import InputLimits, process_request
+from .isolation import describe, run_isolating
 from .output_processor import final_output, hits_stop_string, partial_output
 from .outputs import RequestMetrics, RequestOutput
 from .request import FinishReason, ImageSpan, Request
 from .request_state import PreparedRequest, RequestState, make_generator
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,12 @@ class EngineConfig:
     max_waiting: int = 4096
     max_tiles_per_image: int = 40
     feature_cache_bytes: int = 1 << 30
+    # Work one request may ask for, refused before it is done (None: no limit); see input_processor.InputLimits.
     max_image_pixels: int | None = DEFAULT_MAX_PIXELS
+    max_image_side: int | None = DEFAULT_MAX_SIDE
+    max_image_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO
+    max_images_per_request: int | None = 16
+    max_prompt_chars: int | None = 1 << 20
     enable_prefix_caching: bool = True
     backend: str = "auto"
     static_decode: bool | None = None  # decode steps on static buffers + CUDA graphs; None: on CUDA only
@@ -96,6 +105,9 @@ class LLM:
 
     def _setup(self, model: InternVLChatModel, tokenizer: InternLM2Tokenizer, config: EngineConfig) -> None:
         self.config = config
+        self.input_limits = InputLimits(
+            ImageLimits(config.max_image_pixels, config.max_image_side, config.max_image_aspect_ratio),
+            config.max_images_per_request, config.max_prompt_chars)
         self.model = model.set_backend(config.backend)
         self.tokenizer = tokenizer
         if model.img_context_token_id is None:
@@ -119,7 +131,7 @@ class LLM:
         self.last_step_sampled: list[str] = []  # request ids that got a token in the last step (streaming)
         # Seconds and counts by stage, for benchmarks (bench_offline.py prints their shares).
         self.stats = {"preprocess_s": 0.0, "vit_s": 0.0, "prefill_step_s": 0.0, "decode_step_s": 0.0,
-                      "tiles_encoded": 0, "steps": 0}
+                      "tiles_encoded": 0, "steps": 0, "request_errors": {}}
 
     @staticmethod
     def kv_cache_bytes_per_block(model: InternVLChatModel, block_size: int) -> int:
@@ -143,11 +155,13 @@ class LLM:
                                  metrics=RequestMetrics(time.perf_counter()))
 
     def prepare(self, request: Mapping[str, Any] | str, sampling_params: SamplingParams | None = None,
-                request_id: str | None = None) -> PreparedRequest:
+                request_id: str | None = None, deadline: float | None = None) -> PreparedRequest:
         """Validate, tokenise and tile one request without touching the scheduler (safe from any thread).
 
-        Raises ValueError naming the problem: ImageLoadError (ImageTooLargeError) for images,
-        PromptTooLongError when the prompt and max_tokens do not fit max_model_len.
+        Raises ValueError naming the problem: ImageLoadError (ImageTooLargeError) for images, InputLimitError for
+        the work limits (checked before the work: the prompt's length before any image is decoded),
+        PromptTooLongError when the prompt and max_tokens do not fit max_model_len. `deadline`
+        (time.monotonic()) is checked between images.
         """
         request_id = request_id or str(next(self._ids))
         params = sampling_params or SamplingParams()
@@ -157,18 +171,27 @@ class LLM:
                                           and 1 <= max_tiles <= self.config.max_tiles_per_image):
             raise ValueError(f"max_tiles must be an integer between 1 and {self.config.max_tiles_per_image}, "
                              f"got {max_tiles!r}")
+        max_model_len = self.scheduler.config.max_model_len
+        vocab = self.model.config.llm.vocab_size
+        if params.top_k > vocab or any(i >= vocab for i in params.penalty_context_ids or ()):
+            raise ValueError(f"top_k and penalty_context_ids must be within the vocabulary ({vocab} tokens)")
+
+        def check_length(num_prompt: int) -> None:
+            wanted = params.max_tokens if params.max_tokens is not None else 1
+            if num_prompt + wanted > max_model_len:
+                what = f" + max_tokens ({wanted})" if params.max_tokens is not None else " + 1 output token"
+                raise PromptTooLongError(f"the prompt ({num_prompt} tokens, images included){what} exceeds the "
+                                         f"context length (max_model_len {max_model_len})")
+
         processed = process_request(request, self.tokenizer, self.model.config, self.template.name,
-                                    self.system_message, self.config.max_image_pixels)
-        num_prompt, max_model_len = len(processed.prompt_token_ids), self.scheduler.config.max_model_len
+                                    self.system_message, self.input_limits, check_length, deadline)
+        num_prompt = len(processed.prompt_token_ids)
+        check_length(num_prompt)
         if params.max_tokens is not None:
             max_tokens = params.max_tokens
         else:  # up to the context length, or to what the whole KV cache can hold
             capacity = self.block_manager.num_blocks * self.block_manager.block_size + 1
-            max_tokens = min(max_model_len, capacity) - num_prompt
-        if num_prompt + max(max_tokens, 1) > max_model_len:
-            wanted = f" + max_tokens ({max_tokens})" if params.max_tokens is not None else " + 1 output token"
-            raise PromptTooLongError(f"the prompt ({num_prompt} tokens, images included){wanted} exceeds the "
-                                     f"context length (max_model_len {max_model_len})")
+            max_tokens = max(min(max_model_len, capacity) - num_prompt, 1)
         scheduled = Request(request_id, processed.prompt_token_ids, max_tokens, processed.images,
                             arrival_time=arrival, stop_token_ids=self._stops(params),
                             rope_length_offset=processed.left_padding)
@@ -220,7 +243,11 @@ class LLM:
 
     # ---- one step ----
     def step(self) -> list[RequestOutput]:
-        """Schedule, encode images, run one forward, sample, update; returns the requests finished now."""
+        """Schedule, encode images, run one forward, sample, update; returns the requests finished now.
+
+        A failure in the ViT pass, the forward or the sampler fails only the requests that cause it (see
+        `isolation.run_isolating`); every other request of the step proceeds as if they had not been there.
+        """
         output = self.scheduler.schedule()
         now = time.perf_counter()
         for chunk in output.chunks:
@@ -228,39 +255,78 @@ class LLM:
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
                 metrics.queue_time = now - metrics.arrival_time
+        failed: dict[str, tuple[str, str]] = {}  # request id -> (cause, error)
         if output.images_to_encode:
-            self._encode(output.images_to_encode)
+            self._encode_isolating(output.images_to_encode, failed)
         if not output.chunks:
             return []
         forward_start = time.perf_counter()
-        features = {c.request.request_id: self._states[c.request.request_id].features for c in output.chunks}
-        meta = build_batch(output, self.config.block_size, features)
-        logits = self.runner.execute(meta)
-        sampled = self._sample([self._requests[rid] for rid in meta.logit_request_ids], logits)
+        chunks = [chunk for chunk in output.chunks if chunk.request.request_id not in failed]
+        features = {c.request.request_id: self._states[c.request.request_id].features for c in chunks}
+        sampled, errors = run_isolating(chunks, lambda part: self._forward(part, features))
+        decode_only = all(c.num_new_tokens == 1 and c.request.num_computed_tokens >= c.request.num_prompt_tokens
+                          for c in chunks)
+        for chunk, err in errors:
+            failed[chunk.request.request_id] = ("forward", describe(err))
+        for request_id in [rid for rid, token in sampled.items() if token is None]:
+            del sampled[request_id]
+            failed[request_id] = ("sampling", "the model's logits for this request are not finite (nan or inf), "
+                                  "or its sampling parameters leave no token to draw")
+        finished = []
+        for request_id, (cause, error) in failed.items():
+            self.stats["request_errors"][cause] = self.stats["request_errors"].get(cause, 0) + 1
+            logger.warning("request %s failed alone (%s): %s", request_id, cause, error)
+            request = self._requests[request_id]
+            self.scheduler.finish(request, FinishReason.ERROR, error)
+            finished.append(request)
         self.last_step_sampled = list(sampled)
-        finished = self.scheduler.update(output, sampled, self.stop_token_ids)
         done = {request.request_id for request in finished}
+        updated = self.scheduler.update(output, sampled, self.stop_token_ids)
+        finished += updated
+        done.update(request.request_id for request in updated)
         for request_id in sampled:  # stop strings, on each request's incrementally decoded text
             request = self._requests[request_id]
             if request_id not in done and hits_stop_string(request, self._states[request_id]):
                 self.scheduler.finish(request, FinishReason.STOP)
                 finished.append(request)
         now = time.perf_counter()
-        self.stats["decode_step_s" if meta.is_decode_only else "prefill_step_s"] += now - forward_start
+        self.stats["decode_step_s" if decode_only else "prefill_step_s"] += now - forward_start
         self.stats["steps"] += 1
-        for request_id in meta.logit_request_ids:
+        for request_id in sampled:
             metrics = self._states[request_id].metrics
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
                 metrics.time_to_first_token = now - metrics.arrival_time
         return [self._finish(request) for request in finished]
 
+    def _forward(self, chunks: Sequence[ScheduledChunk], features: Mapping[str, Any]) -> dict[str, int | None]:
+        """One forward over `chunks` and the sampling of those that complete their sequence."""
+        meta = build_batch(chunks, self.config.block_size, features)
+        logits = self.runner.execute(meta)
+        return self._sample([self._requests[rid] for rid in meta.logit_request_ids], logits)
+
     def fail_all(self, error: str) -> list[RequestOutput]:
-        """Ends every unfinished request with `error` (a step raised), freeing its blocks."""
+        """Ends every unfinished request with `error` (the scheduler itself raised), freeing its blocks."""
         requests = list(self.scheduler.running) + list(self.scheduler.waiting)
         for request in requests:
             self.scheduler.finish(request, FinishReason.ERROR, error)
+        self.stats["request_errors"]["engine"] = self.stats["request_errors"].get("engine", 0) + len(requests)
         return [self._finish(request) for request in requests]
+
+    def _encode_isolating(self, images: Sequence[tuple[Request, ImageSpan]],
+                          failed: dict[str, tuple[str, str]]) -> None:
+        """`_encode`, narrowed down to the image contents that fail on their own when the batch raises."""
+        by_content: dict[str, list[tuple[Request, ImageSpan]]] = {}
+        for request, image in images:
+            by_content.setdefault(image.content_hash, []).append((request, image))
+
+        def encode(groups: Sequence[list[tuple[Request, ImageSpan]]]) -> dict[str, None]:
+            self._encode([pair for group in groups for pair in group])
+            return {}
+
+        for group, err in run_isolating(list(by_content.values()), encode)[1]:
+            for request, _ in group:
+                failed.setdefault(request.request_id, ("vit", f"encoding its image failed: {describe(err)}"))
 
     def _encode(self, images: Sequence[tuple[Request, ImageSpan]]) -> None:
         """All granted images in one ViT batch along the tile axis; features cached by content hash."""
@@ -288,12 +354,13 @@ class LLM:
         for request, _ in images:
             self._states[request.request_id].metrics.vit_time += elapsed
 
-    def _sample(self, requests: Sequence[Request], logits: torch.Tensor) -> dict[str, int]:
-        """logits [len(requests), vocab] float32 -> each request's next token, with its own parameters."""
+    def _sample(self, requests: Sequence[Request], logits: torch.Tensor) -> dict[str, int | None]:
+        """logits [len(requests), vocab] float32 -> each request's next token (None: its row cannot be sampled),
+        with its own parameters."""
         if not requests:
             return {}
         rows = []
-        for index, request in enumerate(requests):
+        for request in requests:
             state = self._states[request.request_id]
             params = state.params
             penalized: Sequence[int] = ()
@@ -302,9 +369,11 @@ class LLM:
                 penalized = list(context) + request.output_token_ids
             rows.append(RowSampling(params.temperature, params.top_k, params.top_p, params.repetition_penalty,
                                     penalized, state.generator))
-            if params.return_logits:
-                state.logits.append(logits[index].to("cpu", copy=True))
         tokens = sample_batch(logits, rows)
+        for index, request in enumerate(requests):  # after the draw: a retried batch must not record them twice
+            state = self._states[request.request_id]
+            if state.params.return_logits:
+                state.logits.append(logits[index].to("cpu", copy=True))
         return {request.request_id: token for request, token in zip(requests, tokens)}
 
     def snapshot(self, request_id: str) -> RequestOutput:

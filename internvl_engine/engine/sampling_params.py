@@ -11,8 +11,17 @@ Two options carry the official model card's semantics, which `model.chat`/`batch
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+# The ranges the sampler's arithmetic can take (float32 logits, int32/int64 tensors). A value outside them would
+# overflow or turn a row into inf/nan; it is refused here so that one request can never fail a batched step.
+MIN_TEMPERATURE = 1e-5  # temperature is 0 (greedy) or at least this: logits / 1e-40 is inf in float32
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 2**31 - 1  # int32; the sampler clamps it to the vocabulary
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+SEED_RANGE = (-2**63, 2**63 - 1)  # int64
 
 
 @dataclass(frozen=True)
@@ -46,17 +55,37 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if self.penalty_context_ids is not None:
             object.__setattr__(self, "penalty_context_ids", tuple(self.penalty_context_ids))
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        _check_number("temperature", self.temperature)
+        if self.temperature != 0 and not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+                             f"got {self.temperature!r}")
+        _check_number("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (off) or a non-negative integer, got {self.top_k!r}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be -1 (off) or an integer in [0, {MAX_TOP_K}], got {self.top_k!r}")
+        _check_number("repetition_penalty", self.repetition_penalty)
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}], "
+                             f"got {self.repetition_penalty!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise ValueError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (int64), got {self.seed!r}")
+        if not all(_is_int(i) for i in self.stop_token_ids):  # any integer: one outside the vocabulary never stops
+            raise ValueError(f"stop_token_ids must be integers, got {self.stop_token_ids!r:.200}")
+        if self.penalty_context_ids is not None and not all(_is_int(i) and 0 <= i < 2**31
+                                                            for i in self.penalty_context_ids):
+            raise ValueError(f"penalty_context_ids must be token ids (non-negative integers), got "
+                             f"{self.penalty_context_ids!r:.200}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")

@@ -118,6 +118,7 @@ class Scheduler:
         self._requests: dict[str, Request] = {}  # unfinished requests by id
         self._arrival_ranks: dict[str, int] = {}
         self._next_rank = 0
+        self.num_preemptions = 0  # since start, all requests (a metric)
 
     # ----- requests ----------------------------------------------------------------------------------------
     @property
@@ -308,5 +309,6 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(request)  # victims go latest first, so the queue front stays in arrival order
         plan.preempted.append(request)

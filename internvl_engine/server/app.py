@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API (FastAPI): /v1/chat/completions, /v1/models, /health, /metrics.
 
-A request is parsed and validated, its images resolved (worker thread), then prepared and queued by the
-engine before any byte of the answer is sent, so every bad input gets its 4xx status. Streams are
+A request is parsed and validated (work limits included: body size and read time, JSON depth, images,
+characters, stop strings), its images resolved and the request prepared in the engine's bounded
+preprocessing pool, and queued by the engine before any byte of the answer is sent, so every bad input gets
+its 4xx status and no input can stall the engine loop or the streams. Streams are
 Server-Sent Events ending with `data: [DONE]`. A client that disconnects, streaming or not, aborts its
 request, which frees its KV blocks at the next engine step.
 """
@@ -21,10 +23,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.async_llm import AsyncLLM
 from ..engine.detokenizer import StreamText
-from .errors import APIError, engine_error, error_body
+from .errors import APIError, engine_error, error_body, limit_error
 from .media import MediaPolicy, resolve_messages
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .protocol import ChatRequest, chunk, completion, completion_id, parse_chat_request, usage
+from .protocol import ChatRequest, RequestLimits, chunk, completion, completion_id, parse_chat_request, usage
 
 ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
@@ -34,7 +36,11 @@ class ServerConfig:
     served_model_names: tuple[str, ...]
     api_key: str | None = None
     max_request_bytes: int = 64 << 20  # a JSON body (base64 images included)
+    body_timeout_s: float = 60.0  # to receive the whole body, from the first byte after the head
+    max_json_depth: int = 32  # nesting of the JSON body (a chat request needs 6)
     media: MediaPolicy = field(default_factory=MediaPolicy)
+    # None: the defaults, with the engine's vocabulary and tile limit
+    limits: RequestLimits | None = None
 
 
 class _Gate:
@@ -70,11 +76,11 @@ class _Gate:
                 self.metrics.http_responses.labels(route=route, status_code="500").inc()
 
 
-async def _read_json(request: Request, limit: int) -> Any:
-    """The JSON body, or 413 past `limit` bytes. An oversized body is still drained (up to 4x the limit) so the
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or 413 past `limit` bytes. An oversized body is still drained (up to 4x the limit) so the
     client, which is usually still sending, reads the 413 instead of a reset connection."""
     length = request.headers.get("content-length", "")
-    declared = int(length) if length.isdigit() else None
+    declared = int(length) if length.isdigit() and len(length) < 20 else None
     too_large = declared is not None and declared > limit
     parts, size = [], 0
     if not (too_large and declared > 4 * limit):
@@ -86,12 +92,44 @@ async def _read_json(request: Request, limit: int) -> Any:
             if not too_large:
                 parts.append(part)
     if too_large:
-        raise APIError(413, f"the request body is {declared or f'over {limit}'} bytes, over the limit of {limit} "
-                       "(--max-request-bytes)", code="request_too_large")
+        raise limit_error(f"the request body is {declared or f'over {limit}'} bytes, over the limit of {limit}",
+                          "max_request_bytes", code="request_too_large")
+    return b"".join(parts)
+
+
+def json_too_deep(value: Any, limit: int) -> bool:
+    """Whether `value` nests dicts and lists deeper than `limit` (iterative: any depth is safe to check)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+async def _read_json(request: Request, config: ServerConfig) -> Any:
     try:
-        return json.loads(b"".join(parts))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise APIError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
+        body = await asyncio.wait_for(_read_body(request, config.max_request_bytes), config.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise limit_error(f"the request body was not received within {config.body_timeout_s:g} s", "body_timeout_s",
+                          status=408) from None
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        value = None
+        too_deep = True
+    except ValueError as err:  # JSONDecodeError, bad UTF-8, an integer over Python's 4300 digits
+        raise APIError(400, f"the request body is not valid JSON: {str(err)[:200]}", code="invalid_json") from None
+    else:
+        too_deep = json_too_deep(value, config.max_json_depth)
+    if too_deep:
+        raise limit_error(f"the JSON body nests deeper than {config.max_json_depth} levels", "max_json_depth",
+                          status=400)
+    return value
 
 
 async def _disconnected(request: Request) -> None:
@@ -109,10 +147,13 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics(engine, config.served_model_names[0])
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
     app.add_middleware(_Gate, api_key=config.api_key, metrics=metrics)
-    max_tiles = engine.llm.config.max_tiles_per_image
+    limits = config.limits or RequestLimits(engine.llm.model.config.llm.vocab_size,
+                                            max_tiles=engine.llm.config.max_tiles_per_image)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
+        if err.limit is not None:
+            metrics.refusals.labels(limit=err.limit).inc()
         headers = {"Retry-After": "1"} if err.status in (429, 503) else None
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
@@ -141,15 +182,17 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        chat = parse_chat_request(await _read_json(request, config.max_request_bytes), config.served_model_names,
-                                  max_tiles)
-        messages = await asyncio.to_thread(resolve_messages, chat.messages, config.media)
-        inputs: dict[str, Any] = {"messages": messages}
+        chat = parse_chat_request(await _read_json(request, config), config.served_model_names, limits)
+        inputs: dict[str, Any] = {"messages": chat.messages}
         if chat.max_tiles is not None:
             inputs["max_tiles"] = chat.max_tiles
         request_id = completion_id()
-        try:
-            await engine.add_request(inputs, chat.params, request_id)
+        try:  # image URLs are fetched and decoded in the engine's preprocessing pool, under its time limit
+            await engine.add_request(inputs, chat.params, request_id, resolve=lambda given: {
+                **given, "messages": resolve_messages(given["messages"], config.media)})
+        except APIError:
+            metrics.requests.labels(status="rejected").inc()
+            raise
         except (ValueError, TypeError, RuntimeError, OSError) as err:
             metrics.requests.labels(status="rejected").inc()
             raise engine_error(err) from None

@@ -14,6 +14,7 @@ class APIError(Exception):
     message: str
     param: str | None = None
     code: str | None = None
+    limit: str | None = None  # the work limit that refused the request (a server flag's name), for metrics
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
@@ -27,19 +28,33 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
                       "code": code}}
 
 
+def flag(limit: str) -> str:
+    """The server flag of a limit: max_images_per_request -> --max-images-per-request."""
+    return "--" + limit.replace("_", "-")
+
+
+def limit_error(message: str, limit: str, param: str | None = None, status: int = 413,
+                code: str = "limit_exceeded") -> APIError:
+    """A request refused by a work limit: 413 (400 for malformed input limits) naming the server flag."""
+    return APIError(status, f"{message} ({flag(limit)})", param=param, code=code, limit=limit)
+
+
 def engine_error(err: BaseException) -> APIError:
     """An exception from preparing or queueing a request -> its HTTP error."""
-    from ..engine.errors import PromptTooLongError, QueueFullError
+    from ..engine.errors import InputLimitError, PromptTooLongError, QueueFullError
     from ..preprocessing.image_io import ImageLoadError, ImageTooLargeError
 
     if isinstance(err, QueueFullError):
         return APIError(503, f"the server is overloaded, retry later: {err}", code="queue_full")
+    if isinstance(err, InputLimitError):
+        return limit_error(str(err).replace(f" ({err.limit})", ""), err.limit, param="messages")
     if isinstance(err, ImageTooLargeError):
-        return APIError(413, str(err), param="messages", code="image_too_large")
+        return APIError(413, f"{err} ({flag(err.limit)})", param="messages", code="image_too_large",
+                        limit=err.limit)
     if isinstance(err, ImageLoadError):
         return APIError(400, str(err), param="messages", code="invalid_image")
     if isinstance(err, PromptTooLongError):
-        return APIError(400, str(err), param="messages", code="context_length_exceeded")
+        return APIError(400, str(err), param="messages", code="context_length_exceeded", limit="max_model_len")
     if isinstance(err, (ValueError, TypeError)):
         return APIError(400, str(err))
     return APIError(500, f"{type(err).__name__}: {err}")

@@ -2,19 +2,22 @@
 
 data: URLs (base64) are always accepted. file:// URLs and plain paths only inside `allowed_local_media_path`
 (symlinks resolved first). http(s) URLs are refused unless `allow_remote` is set: a server fetching on a
-client's behalf can be made to reach internal hosts. Runs in a worker thread (file reads, remote fetches).
+client's behalf can be made to reach internal hosts, so even then `remote_fetch` refuses private, loopback,
+link-local and multicast addresses (unless `allow_private_addresses`), follows no redirect and answers every
+network failure with one uniform message. Runs in the preprocessing pool (file reads, remote fetches).
 """
 from __future__ import annotations
 
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.input_processor import decode_data_url
 from ..preprocessing.image_io import ImageLoadError, ImageTooLargeError
-from .errors import APIError
+from .errors import APIError, flag
+from .remote_fetch import RemoteFetchError, RemoteFetchPolicy, fetch_url
+
+MAX_PATH_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -23,18 +26,20 @@ class MediaPolicy:
     allowed_local_media_path: Path | None = None
     allow_remote: bool = False
     remote_timeout_s: float = 10.0
+    allow_private_addresses: bool = False  # remote URLs resolving to internal addresses (internal deployments)
 
 
 def _too_large(size: int, policy: MediaPolicy, where: str) -> APIError:
     return APIError(413, f"{where}: the image is {size} bytes, over the limit of {policy.max_image_bytes} bytes "
-                    "(--max-image-bytes)", param="messages", code="image_too_large")
+                    "(--max-image-bytes)", param="messages", code="image_too_large", limit="max_image_bytes")
 
 
 def _from_data_url(url: str, policy: MediaPolicy, where: str) -> bytes:
     try:
         return decode_data_url(url, policy.max_image_bytes)
     except ImageTooLargeError as err:
-        raise APIError(413, f"{where}: {err} (--max-image-bytes)", param="messages", code="image_too_large") from None
+        raise APIError(413, f"{where}: {err} ({flag(err.limit)})", param="messages", code="image_too_large",
+                       limit=err.limit) from None
     except ImageLoadError as err:
         raise APIError(400, f"{where}: {err}", param="messages", code="invalid_image") from None
 
@@ -44,16 +49,28 @@ def _from_local_path(url: str, policy: MediaPolicy, where: str) -> bytes:
         raise APIError(400, f"{where}: local image paths are not allowed on this server (start it with "
                        "--allowed-local-media-path DIR); send the image as a base64 data URL", param="messages")
     raw = urllib.parse.unquote(urllib.parse.urlparse(url).path) if url.startswith("file://") else url
+    if "\0" in raw or len(raw) > MAX_PATH_CHARS:
+        raise APIError(400, f"{where}: invalid local image path (a NUL byte, or over {MAX_PATH_CHARS} characters)",
+                       param="messages", code="invalid_image")
     root = policy.allowed_local_media_path.resolve()
-    path = Path(raw).resolve()
-    if not path.is_relative_to(root):
-        raise APIError(400, f"{where}: {raw!r} is outside the allowed media folder", param="messages")
-    if not path.is_file():
-        raise APIError(400, f"{where}: image file not found: {raw!r}", param="messages", code="invalid_image")
-    size = path.stat().st_size
+    try:
+        path = Path(raw).resolve()
+        inside = path.is_relative_to(root)
+        is_file = inside and path.is_file()
+        size = path.stat().st_size if is_file else 0
+    except (OSError, ValueError, RuntimeError):  # a name too long for the OS, a symlink loop
+        raise APIError(400, f"{where}: invalid local image path {raw[:200]!r}", param="messages",
+                       code="invalid_image") from None
+    if not inside:
+        raise APIError(400, f"{where}: {raw[:200]!r} is outside the allowed media folder", param="messages")
+    if not is_file:
+        raise APIError(400, f"{where}: image file not found: {raw[:200]!r}", param="messages", code="invalid_image")
     if size > policy.max_image_bytes:
         raise _too_large(size, policy, where)
-    return path.read_bytes()
+    try:
+        return path.read_bytes()
+    except OSError:
+        raise APIError(400, f"{where}: cannot read {raw[:200]!r}", param="messages", code="invalid_image") from None
 
 
 def _from_remote(url: str, policy: MediaPolicy, where: str) -> bytes:
@@ -62,13 +79,13 @@ def _from_remote(url: str, policy: MediaPolicy, where: str) -> bytes:
                        "--allow-remote-images to allow it); send the image as a base64 data URL", param="messages",
                        code="remote_images_disabled")
     try:
-        with urllib.request.urlopen(url, timeout=policy.remote_timeout_s) as response:  # noqa: S310 (opt-in)
-            data = response.read(policy.max_image_bytes + 1)
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        raise APIError(400, f"{where}: cannot fetch {url!r}: {err}", param="messages", code="invalid_image") from None
-    if len(data) > policy.max_image_bytes:
-        raise _too_large(len(data), policy, where)
-    return data
+        return fetch_url(url, RemoteFetchPolicy(max_bytes=policy.max_image_bytes, timeout_s=policy.remote_timeout_s,
+                                                allow_private_addresses=policy.allow_private_addresses))
+    except RemoteFetchError as err:
+        if err.status == 413:
+            raise APIError(413, f"{where}: {err.message} (--max-image-bytes)", param="messages",
+                           code="image_too_large", limit="max_image_bytes") from None
+        raise APIError(err.status, f"{where}: {err.message}", param="messages", code="invalid_image") from None
 
 
 def resolve_image(url: str, policy: MediaPolicy, where: str = "image") -> bytes:
@@ -78,7 +95,8 @@ def resolve_image(url: str, policy: MediaPolicy, where: str = "image") -> bytes:
         return _from_remote(url, policy, where)
     if url.startswith("file://") or "://" not in url:
         return _from_local_path(url, policy, where)
-    raise APIError(400, f"{where}: unsupported image URL scheme in {url[:40]!r}", param="messages")
+    raise APIError(400, f"{where}: unsupported image URL scheme in {url[:40]!r} (data:, http(s): or a local path)",
+                   param="messages")
 
 
 def resolve_messages(messages: list[dict], policy: MediaPolicy) -> list[dict]:

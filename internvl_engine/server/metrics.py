@@ -32,6 +32,8 @@ class ServerMetrics:
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests (visual tokens "
                                      "included)", registry=registry)
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Generated tokens", registry=registry)
+        self.refusals = Counter(f"{PREFIX}_request_refusals", "Requests refused by a work limit (the server flag's "
+                                "name, e.g. max_images_per_request)", ["limit"], registry=registry)
         self.image_tiles = Counter(f"{PREFIX}_request_image_tiles", "448x448 tiles in finished requests' images",
                                    registry=registry)
         self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Arrival to first token",
@@ -79,6 +81,8 @@ class _EngineCollector:
             "kv_cache_blocks_in_use": ("KV blocks referenced by requests (free prefix-cached blocks excluded)",
                                        blocks.num_blocks - blocks.num_free_blocks),
             "kv_cache_blocks_total": ("KV blocks in the cache", blocks.num_blocks),
+            "num_requests_preprocessing": ("Requests queued for or in the preprocessing pool (image decoding, tiling)",
+                                           engine.num_preprocessing),
         }
         for name, (documentation, value) in gauges.items():
             family = GaugeMetricFamily(f"{PREFIX}_{name}", documentation, labels=["model_name"])
@@ -88,9 +92,17 @@ class _EngineCollector:
             "vit_tiles_encoded": ("Tiles the vision encoder encoded (feature-cache hits excluded)",
                                   llm.stats["tiles_encoded"]),
             "engine_steps": ("Engine steps run", llm.stats["steps"]),
-            "engine_step_errors": ("Engine steps that raised (their requests failed)", engine.num_step_errors),
+            "engine_step_errors": ("Engine steps whose scheduler raised (every request in flight failed)",
+                                   engine.num_step_errors),
+            "preemptions": ("Requests preempted (KV blocks freed, recomputed later)", llm.scheduler.num_preemptions),
         }
         for name, (documentation, value) in counters.items():
             family = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=["model_name"])
             family.add_metric([self.model_name], value)
             yield family
+        family = CounterMetricFamily(f"{PREFIX}_request_errors", "Requests failed alone by an engine step, by cause "
+                                     "(vit, forward, sampling; engine: the whole step failed)",
+                                     labels=["model_name", "cause"])
+        for cause in ("vit", "forward", "sampling", "engine"):
+            family.add_metric([self.model_name, cause], llm.stats["request_errors"].get(cause, 0))
+        yield family

@@ -1,7 +1,10 @@
 """The chat-completions request body -> engine inputs, and the response and stream-chunk objects.
 
-Validation is explicit so each problem gets a 400 naming the field. Extensions beyond the OpenAI API (as in
-vLLM): `top_k`, `repetition_penalty`, `ignore_eos`, and `max_dynamic_patch` (max tiles per image).
+Validation is explicit so each problem gets a 400 naming the field, and every value is held to the range the
+engine's arithmetic takes (so no request can fail a batched step). Work limits (`RequestLimits`: images per
+request, prompt characters, stop strings) are checked here, before any image is fetched or decoded; a
+refusal is a 413 naming the server flag. Extensions beyond the OpenAI API (as in vLLM): `top_k`,
+`repetition_penalty`, `ignore_eos`, and `max_dynamic_patch` (max tiles per image).
 """
 from __future__ import annotations
 
@@ -11,11 +14,28 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.sampling_params import SamplingParams
-from .errors import APIError
+from ..engine.sampling_params import (MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, MIN_TEMPERATURE, SEED_RANGE,
+                                      SamplingParams)
+from .errors import APIError, limit_error
 
-MAX_STOP_STRINGS = 16
 _ROLES = ("system", "developer", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one chat request may ask for; each is a server flag (--max-images-per-request, ...)."""
+
+    vocab_size: int  # top_k beyond it is refused
+    max_tiles: int = 40  # max_dynamic_patch
+    max_images_per_request: int = 16
+    max_prompt_chars: int = 1 << 20  # all message text together
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256  # each stop string (the search per step grows with the longest)
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -32,12 +52,19 @@ def _number(body: dict, name: str, default: float, low: float, high: float, low_
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise APIError(400, f"{name} must be a number, got {value!r}", param=name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+        raise APIError(400, f"{name} must be a finite number, got {str(value)[:50]}", param=name)
     if value < low or value > high or (low_open and value == low):
         bracket = "(" if low_open else "["
         raise APIError(400, f"{name} must be in {bracket}{low}, {high}], got {value!r}", param=name)
     return float(value)
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def _integer(body: dict, name: str, low: int | None = None, high: int | None = None) -> int | None:
@@ -45,51 +72,76 @@ def _integer(body: dict, name: str, low: int | None = None, high: int | None = N
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise APIError(400, f"{name} must be an integer, got {value!r}", param=name)
+        raise APIError(400, f"{name} must be an integer, got {value!r:.50}", param=name)
     if (low is not None and value < low) or (high is not None and value > high):
         limits = f"at least {low}" if high is None else f"between {low} and {high}"
-        raise APIError(400, f"{name} must be {limits}, got {value}", param=name)
+        raise APIError(400, f"{name} must be {limits}, got {str(value)[:50]}", param=name)
     return value
 
 
-def _check_messages(messages: Any) -> list[dict]:
+def _check_messages(messages: Any, limits: RequestLimits) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list", param="messages")
+    images = chars = 0
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, dict):
             raise APIError(400, f"{where} must be an object", param=where)
         if message.get("role") not in _ROLES:
-            raise APIError(400, f"{where}.role must be one of {', '.join(_ROLES)}, got {message.get('role')!r}",
+            raise APIError(400, f"{where}.role must be one of {', '.join(_ROLES)}, got {str(message.get('role'))[:50]!r}",
                            param=f"{where}.role")
         content = message.get("content")
         if isinstance(content, str):
+            chars += len(content)
             continue
         if not isinstance(content, list):
             raise APIError(400, f"{where}.content must be a string or a list of parts", param=f"{where}.content")
         for number, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
+                chars += len(part["text"])
                 continue
             url = part.get("image_url") if kind == "image_url" else None
             url = url.get("url") if isinstance(url, dict) else url
             if kind == "image_url" and isinstance(url, str):
                 if message["role"] != "user":
                     raise APIError(400, f"{where}: images are only accepted in user messages", param=where)
+                images += 1
                 continue
-            raise APIError(400, f"{where}.content[{number}] must be a text part or an image_url part with a url, "
-                           f"got {part!r:.200}", param=f"{where}.content[{number}]")
+            raise APIError(400, f"{where}.content[{number}] must be a text part or an image_url part with a url",
+                           param=f"{where}.content[{number}]")
+    if images > limits.max_images_per_request:
+        raise limit_error(f"the request has {images} images, over the limit of {limits.max_images_per_request}",
+                          "max_images_per_request", param="messages")
+    if chars > limits.max_prompt_chars:
+        raise limit_error(f"the messages have {chars} characters of text, over the limit of "
+                          f"{limits.max_prompt_chars}", "max_prompt_chars", param="messages")
     return [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
 
 
-def parse_chat_request(body: Any, served_models: tuple[str, ...], max_tiles_limit: int) -> ChatRequest:
+def _stop_strings(body: dict, limits: RequestLimits) -> tuple[str, ...]:
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else (stop or [])
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise APIError(400, "stop must be a non-empty string or a list of non-empty strings", param="stop")
+    if len(stop) > limits.max_stop_strings:
+        raise limit_error(f"{len(stop)} stop strings, over the limit of {limits.max_stop_strings}",
+                          "max_stop_strings", param="stop")
+    longest = max((len(s) for s in stop), default=0)
+    if longest > limits.max_stop_string_chars:
+        raise limit_error(f"a stop string of {longest} characters, over the limit of {limits.max_stop_string_chars}",
+                          "max_stop_string_chars", param="stop")
+    return tuple(stop)
+
+
+def parse_chat_request(body: Any, served_models: tuple[str, ...], limits: RequestLimits) -> ChatRequest:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     model = body.get("model")
     if model not in served_models:
-        raise APIError(400, f"model {model!r} is not served here; available: {', '.join(served_models)}",
+        raise APIError(400, f"model {str(model)[:100]!r} is not served here; available: {', '.join(served_models)}",
                        param="model", code="model_not_found")
-    messages = _check_messages(body.get("messages"))
+    messages = _check_messages(body.get("messages"), limits)
     if _integer(body, "n", 1) not in (None, 1):
         raise APIError(400, "only n=1 is supported", param="n")
     for name in ("frequency_penalty", "presence_penalty"):
@@ -104,31 +156,32 @@ def parse_chat_request(body: Any, served_models: tuple[str, ...], max_tiles_limi
         raise APIError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
     max_tokens = _integer(body, "max_completion_tokens", 1)
     max_tokens = _integer(body, "max_tokens", 1) if max_tokens is None else max_tokens
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else (stop or [])
-    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty "
-                       "strings", param="stop")
+    stop = _stop_strings(body, limits)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise APIError(400, f"stream must be a boolean, got {stream!r}", param="stream")
+        raise APIError(400, f"stream must be a boolean, got {stream!r:.50}", param="stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise APIError(400, "stream_options must be an object with a boolean include_usage", param="stream_options")
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
-        raise APIError(400, f"ignore_eos must be a boolean, got {ignore_eos!r}", param="ignore_eos")
+        raise APIError(400, f"ignore_eos must be a boolean, got {ignore_eos!r:.50}", param="ignore_eos")
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise APIError(400, f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature!r}",
+                       param="temperature")
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        temperature=temperature,
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        top_k=_integer(body, "top_k", -1) or -1,
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True),
-        seed=_integer(body, "seed"),
-        stop=tuple(stop),
+        top_k=_integer(body, "top_k", -1, limits.vocab_size) or -1,
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, MIN_REPETITION_PENALTY,
+                                   min(MAX_REPETITION_PENALTY, 10.0)),
+        seed=_integer(body, "seed", *SEED_RANGE),
+        stop=stop,
         ignore_eos=ignore_eos)
     return ChatRequest(model, messages, params, stream, bool(options.get("include_usage", False)),
-                       _integer(body, "max_dynamic_patch", 1, max_tiles_limit))
+                       _integer(body, "max_dynamic_patch", 1, limits.max_tiles))
 
 
 # ---- responses ----

@@ -41,12 +41,13 @@ def _healthy(base_url: str) -> bool:
 
 @contextmanager
 def spawned_server(serve_args: Sequence[str], timeout_s: float = 300.0, host: str = "127.0.0.1",
-                   env: dict[str, str] | None = None) -> Iterator[SpawnedServer]:
+                   env: dict[str, str] | None = None, python: Sequence[str] = (sys.executable,)
+                   ) -> Iterator[SpawnedServer]:
     """Starts the server with `serve_args` on a free port, yields once /health answers 200, stops it after
-    (SIGTERM, then SIGKILL after 15 s). RuntimeError with the server's output if it exits or stays unhealthy."""
+    (SIGTERM, then SIGKILL after 15 s). RuntimeError with the server's output if it exits or stays unhealthy.
+    `python`: the interpreter command (a wrapper that sets resource limits first, in the reliability tests)."""
     port = free_port(host)
-    command = [sys.executable, "-m", "internvl_engine.cli", "serve", "--host", host, "--port", str(port),
-               *serve_args]
+    command = [*python, "-m", "internvl_engine.cli", "serve", "--host", host, "--port", str(port), *serve_args]
     log_fd, log_name = tempfile.mkstemp(prefix="internvl-serve-", suffix=".log")
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT,
                                env=env if env is not None else dict(os.environ))

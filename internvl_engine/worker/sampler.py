@@ -53,11 +53,14 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return logits.masked_fill(remove_sorted.scatter(1, order, remove_sorted), float("-inf"))
 
 
-def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int]:
-    """logits [batch, vocab] float32 -> one token per row.
+def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int | None]:
+    """logits [batch, vocab] float32 -> one token per row, or None for a row that cannot be sampled.
 
     Greedy rows take the argmax after their repetition penalty; sampling rows are filtered in one batched pass
-    (per-row temperature, top-k, top-p as tensors). The single `.tolist()` at the end is the only host sync.
+    (per-row temperature, top-k, top-p as tensors). A row whose logits hold nan or +inf, or whose filtered
+    distribution is not finite, is that row's failure alone: it gets None (its request fails) and draws from a
+    stand-in distribution so the batched draw never raises. The single `.tolist()` at the end is the only host
+    sync.
     """
     device = logits.device
     penalized = [index for index, row in enumerate(rows) if row.repetition_penalty != 1.0 and row.penalized_ids]
@@ -67,6 +70,7 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int]
         row = rows[index]
         seen = torch.tensor(sorted(set(row.penalized_ids)), device=device)[None]
         logits[index: index + 1] = apply_repetition_penalty(logits[index: index + 1], seen, row.repetition_penalty)
+    failed = ~(logits < float("inf")).all(dim=-1)  # [batch]: nan or +inf anywhere (-inf is a masked token)
     tokens = logits.argmax(dim=-1)
     sampling = [index for index, row in enumerate(rows) if row.temperature != 0]
     if sampling:
@@ -76,6 +80,9 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int]
                                  torch.tensor([max(row.top_k, 0) for row in chosen], device=device),
                                  torch.tensor([row.top_p for row in chosen], device=device))
         probs = filtered.softmax(dim=-1)
+        bad = ~torch.isfinite(probs).all(dim=-1) | ~(probs.sum(dim=-1) > 0)  # [len(sampling)]
+        failed[picked] |= bad
+        probs = torch.where(bad[:, None], torch.ones_like(probs), probs)  # a harmless stand-in for failed rows
         groups: dict[int, list[int]] = {}  # generator identity -> positions in `sampling`, in row order
         for position, row in enumerate(chosen):
             groups.setdefault(id(row.generator), []).append(position)
@@ -83,4 +90,6 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int]
             generator = chosen[positions[0]].generator
             draws = torch.multinomial(probs[positions], 1, generator=generator).squeeze(1)
             tokens[picked[positions]] = draws
-    return tokens.tolist()
+    values = torch.cat([tokens, failed.to(tokens.dtype)]).tolist()
+    count = len(rows)
+    return [None if values[count + index] else token for index, token in enumerate(values[:count])]

@@ -28,7 +28,7 @@ class FakeEngine:
     def step(self, stop_token_ids: frozenset[int] = frozenset()) -> tuple[SchedulerOutput, list[Request]]:
         output = self.scheduler.schedule()
         self.features.update(image.content_hash for _, image in output.images_to_encode)
-        batch = build_batch(output, self.scheduler.config.block_size, fake_features(output))
+        batch = build_batch(output.chunks, self.scheduler.config.block_size, fake_features(output))
         sampled = {}
         for chunk in output.chunks:  # the model's logits exist only where a chunk reaches its request's end
             request = chunk.request
@@ -347,7 +347,7 @@ def test_build_batch_matches_a_brute_force_computation():
         engine.scheduler.add_request(text(f"r{index}", length, max_tokens=5, first=0))  # shared prefixes
     for _ in range(6):
         output = engine.scheduler.schedule()
-        batch = build_batch(output, 4)
+        batch = build_batch(output.chunks, 4)
         expected = brute_force_batch(output, 4)
         assert image_rows(batch) == expected.pop("image_rows") == {}
         for name, values in expected.items():
@@ -426,7 +426,7 @@ def simulate(seed: int, chunked: bool, prefix_caching: bool) -> None:
         # Over the tile budget only as a step's sole ViT work: one image (chunked) or one prompt's images.
         assert output.num_tiles <= 8 or len(set(first_owners.values())) == (1 if not chunked else len(distinct)) == 1
         engine.features.update(distinct)
-        batch = build_batch(output, 4, fake_features(output))
+        batch = build_batch(output.chunks, 4, fake_features(output))
         expected = brute_force_batch(output, 4)
         for name in ("input_token_ids", "positions", "rope_lengths", "slot_ids", "logit_indices"):
             assert getattr(batch, name) == expected[name], name

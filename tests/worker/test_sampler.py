@@ -112,9 +112,33 @@ def test_invalid_parameters(options, message):
 
 def test_generation_config_maps_to_the_engines_official_semantics():
     params = GenerationConfig.from_mapping(dict(max_new_tokens=8, do_sample=True, temperature=0.7)).sampling_params(
-        8, (92542,), 1, None)
+        8, (92542,), 1, None, 92553)
     assert (params.temperature, params.top_k, params.top_p) == (0.7, 50, 1.0)  # InternLM2's generation defaults
     assert params.stop_token_ids == (92542,) and params.ignore_eos  # generate stops only at its eos_token_id
     assert params.penalty_context_ids == (1,)  # transformers' generate penalises the BOS it seeds + outputs
-    greedy = GenerationConfig.from_mapping(dict(max_new_tokens=8)).sampling_params(8, (2,), 1, None)
+    greedy = GenerationConfig.from_mapping(dict(max_new_tokens=8)).sampling_params(8, (2,), 1, None, 92553)
     assert greedy.greedy
+    clamped = GenerationConfig.from_mapping(dict(do_sample=True, top_k=10**6)).sampling_params(8, (2,), 1, None, 1000)
+    assert clamped.top_k == 1000  # transformers' TopKLogitsWarper clamps top_k to the vocabulary
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_a_non_finite_row_fails_alone_and_the_other_rows_draw_as_without_it(bad_value):
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    logits[1, 7] = bad_value
+    rows = [row(generator=seeded(3)), row(generator=seeded(4)), row(temperature=0.0), row(generator=seeded(5))]
+    tokens = sample_batch(logits, rows)
+    assert tokens[1] is None and all(isinstance(t, int) for t in tokens[:1] + tokens[2:])
+    clean = [0, 2, 3]
+    alone = sample_batch(logits[clean], [row(generator=seeded(3)), row(temperature=0.0), row(generator=seeded(5))])
+    assert [tokens[i] for i in clean] == alone
+    greedy_nan = sample_batch(logits[1:2], [row(temperature=0.0)])
+    assert greedy_nan == [None]  # a greedy row with nan fails too (argmax would pick the nan)
+
+
+def test_a_row_with_nothing_left_to_draw_fails_alone():
+    logits = torch.randn(2, 10)
+    logits[0] = float("-inf")  # every token masked
+    tokens = sample_batch(logits, [row(generator=seeded(1)), row(generator=seeded(2))])
+    assert tokens[0] is None and isinstance(tokens[1], int)
