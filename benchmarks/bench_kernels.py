@@ -1,14 +1,15 @@
-"""Full-size benchmarks of the four Triton kernels against PyTorch (needs a CUDA GPU).
+"""Full-size benchmarks of the five Triton kernels against PyTorch (needs a CUDA GPU).
 
     python3 benchmarks/bench_kernels.py            # all kernels, full InternVL-Chat-V1.5 shapes
     python3 benchmarks/bench_kernels.py --only decode
     python3 benchmarks/bench_kernels.py --smoke    # tiny shapes on the CPU interpreter: checks the script only
 
-Prints TFLOP/s (ViT attention) or GB/s (the memory-bound kernels) for the Triton kernel, each torch SDPA
-backend that runs, and the kernel's PyTorch reference; plus the measured device-to-device copy bandwidth that
-the paged-decode target (>= 80% of it at batch >= 8, context >= 4K) is stated against, and tile normalisation
-of a 3840x2160 image (40 tiles) against the official CPU recipe. Every kernel's output is checked against its
-reference before it is timed. Record results in benchmarks/RESULTS.md with device, command and date.
+Prints TFLOP/s (ViT attention, paged prefill) or GB/s (the memory-bound kernels) for the Triton kernel, each
+torch SDPA backend that runs, and the kernel's PyTorch reference; plus the measured device-to-device copy
+bandwidth that the paged-decode target (>= 80% of it at batch >= 8, context >= 4K) is stated against, paged
+prefill against flash-attn (`pip install -e ".[gpu]"`; skipped with a note when it is not installed), and tile
+normalisation of a 3840x2160 image (40 tiles) against the official CPU recipe. Every kernel's output is checked
+against its reference before it is timed. Record results in benchmarks/RESULTS.md with device, command and date.
 """
 from __future__ import annotations
 
@@ -36,13 +37,19 @@ class Shapes:
     decode_heads: tuple[int, int, int, int] = (48, 8, 128, 16)  # q heads, kv heads, head_dim, block size
     decode_batches: tuple[int, ...] = (1, 8, 32)
     decode_contexts: tuple[int, ...] = (1024, 4096, 16384)
+    prefill_heads: tuple[int, int, int, int] = (48, 8, 128, 16)  # q heads, kv heads, head_dim, block size
+    # (new tokens per chunk, cached prefix per chunk): 8K new tokens per step either way.
+    prefill_cases: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = (
+        ((8192,), (0,)), ((2048,) * 4, (2048,) * 4))
     unshuffle: tuple[int, int, int] = (41, 1025, 3200)  # tiles, seq, width
     image: tuple[int, int, int] = (3840, 2160, 40)  # width, height, max_num
     copy_bytes: int = 2**30
 
 
 SMOKE = Shapes(device="cpu", vit=(1, 2, 65, 16), decode_heads=(6, 2, 16, 16), decode_batches=(1, 2),
-               decode_contexts=(64,), unshuffle=(1, 17, 8), image=(200, 120, 4), copy_bytes=2**20)
+               decode_contexts=(64,), prefill_heads=(6, 2, 16, 16),
+               prefill_cases=(((40,), (0,)), ((24,) * 2, (19,) * 2)), unshuffle=(1, 17, 8), image=(200, 120, 4),
+               copy_bytes=2**20)
 
 
 def cuda_time_ms(fn: Callable[[], object], repeat: int = 20, warmup: int = 3) -> float:
@@ -69,9 +76,9 @@ def cuda_time_ms(fn: Callable[[], object], repeat: int = 20, warmup: int = 3) ->
     return statistics.median(times)
 
 
-def row(name: str, ms: float, amount: float, unit: str) -> None:
+def row(name: str, ms: float, amount: float, unit: str, note: str = "") -> None:
     rate = amount / (ms * 1e-3) / (1e12 if unit == "TFLOP/s" else 1e9)
-    print(f"  {name:<34s} {ms:9.3f} ms {rate:9.1f} {unit}")
+    print(f"  {name:<34s} {ms:9.3f} ms {rate:9.1f} {unit}{'  ' + note if note else ''}")
 
 
 def bench_vit_attention(dtype: torch.dtype, shapes: Shapes) -> None:
@@ -137,6 +144,144 @@ def bench_paged_decode(dtype: torch.dtype, shapes: Shapes) -> None:
                   f"({rate / peak:5.1%} of copy)  torch ref {ref_ms:8.3f} ms  max err {err:.1e}")
 
 
+def causal_flops(query_lens: list[int], contexts: list[int], heads: int, head_dim: int) -> float:
+    """Causal attention FLOPs = 4 * heads * head_dim * P, P = the (query, key) pairs attended: query j of a chunk
+    of n new tokens over a context of L tokens (prefix L - n) attends the L - n + j + 1 keys up to itself, so a
+    chunk adds n * (L - n) + n * (n + 1) / 2. Two matmuls (Q.K^T and P.V) of 2 FLOPs per multiply-add; exp,
+    masking and the masked halves of diagonal tiles are not counted (as flash-attention counts causal FLOPs)."""
+    pairs = sum(n * (length - n) + n * (n + 1) // 2 for n, length in zip(query_lens, contexts))
+    return 4.0 * heads * head_dim * pairs
+
+
+def bench_paged_prefill(dtype: torch.dtype, shapes: Shapes) -> None:
+    """paged_prefill vs dense fused attention: torch SDPA on contiguous 4-D tensors (K/V gathered and their heads
+    repeated beforehand, untimed; `is_causal` without a prefix, the lower-right causal bias with one) and, when
+    installed, flash-attn's varlen kernel on packed contiguous K/V and its paged `flash_attn_with_kvcache`."""
+    import torch.nn.functional as F
+
+    from internvl_engine.kernels.paged_prefill import paged_prefill, paged_prefill_ref
+
+    try:
+        from torch.nn.attention.bias import causal_lower_right
+    except ImportError:  # older torch: a boolean mask (SDPA picks a masked backend)
+        def causal_lower_right(n: int, length: int) -> torch.Tensor:
+            return torch.ones(n, length, dtype=torch.bool, device=shapes.device).tril(length - n)
+    try:
+        from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+    except ImportError as exc:
+        flash_attn_varlen_func = flash_attn_with_kvcache = None
+        missing = f"flash-attn is not importable ({str(exc).splitlines()[0][:60]}): its rows are skipped"
+
+    q_heads, kv_heads, dim, block_size = shapes.prefill_heads
+    device, group = shapes.device, q_heads // kv_heads
+    print(f"paged prefill: {q_heads} query / {kv_heads} KV heads, head_dim {dim}, block {block_size}, {dtype}; "
+          f"TFLOP/s of causal FLOPs (4 * heads * head_dim * attended query-key pairs)")
+    if flash_attn_varlen_func is None:
+        print(f"  note: {missing} (pip install -e '.[gpu]')")
+    for query_lens, prefixes in shapes.prefill_cases:
+        contexts = [n + p for n, p in zip(query_lens, prefixes)]
+        chunks, total = len(query_lens), sum(query_lens)
+        starts = [sum(query_lens[:c]) for c in range(chunks)]
+        pages = [-(-length // block_size) for length in contexts]
+        k_cache = torch.randn(sum(pages), block_size, kv_heads, dim, device=device, dtype=dtype)
+        v_cache = torch.randn_like(k_cache)
+        perm = torch.randperm(sum(pages), device=device, dtype=torch.int32)
+        tables = torch.full((chunks, max(pages)), -1, dtype=torch.int32, device=device)
+        for c, count in enumerate(pages):
+            tables[c, :count] = perm[sum(pages[:c]): sum(pages[:c]) + count]
+        q = torch.randn(q_heads, total, dim, device=device, dtype=dtype).transpose(0, 1)  # the engine's layout
+        out = torch.empty(q_heads, total, dim, device=device, dtype=dtype).transpose(0, 1)
+        starts_t, lens_t, ctx_t = (torch.tensor(x, dtype=torch.int32, device=device)
+                                   for x in (starts, query_lens, contexts))
+        args = (q, k_cache, v_cache, tables, starts_t, lens_t, ctx_t)
+        flops = causal_flops(query_lens, contexts, q_heads, dim)
+        expected = paged_prefill_ref(q.float(), k_cache.float(), v_cache.float(), *args[3:])
+        print(f"  {chunks} x {query_lens[0]} new tokens over {prefixes[0]}-token prefixes "
+              f"({total} query tokens, {flops / 1e12:.3f} TFLOP)")
+
+        def error(result: torch.Tensor) -> str:
+            return f"max err {(result.float() - expected).abs().max().item():.1e}"
+
+        def run() -> torch.Tensor:
+            return paged_prefill(*args, max(query_lens), out=out, validate=False)
+
+        error_note = error(run())
+        ms = cuda_time_ms(run)
+        row("triton paged_prefill", ms, flops, "TFLOP/s", error_note)
+
+        # Dense baselines: each chunk's context gathered into contiguous K/V (untimed).
+        contiguous_k = [k_cache[tables[c, :pages[c]].long()].flatten(0, 1)[:contexts[c]] for c in range(chunks)]
+        contiguous_v = [v_cache[tables[c, :pages[c]].long()].flatten(0, 1)[:contexts[c]] for c in range(chunks)]
+        dense = [(q[s: s + n].transpose(0, 1)[None].contiguous(),  # [1, heads, n, d]
+                  k.repeat_interleave(group, dim=1).transpose(0, 1)[None].contiguous(),  # [1, heads, L, d]
+                  v.repeat_interleave(group, dim=1).transpose(0, 1)[None].contiguous(),
+                  None if p == 0 else causal_lower_right(n, n + p))
+                 for s, n, p, k, v in zip(starts, query_lens, prefixes, contiguous_k, contiguous_v)]
+
+        def sdpa() -> torch.Tensor:
+            outs = [F.scaled_dot_product_attention(qd, kd, vd, is_causal=mask is None, attn_mask=mask)
+                    for qd, kd, vd, mask in dense]
+            return torch.cat([o[0].transpose(0, 1) for o in outs])
+
+        try:
+            note = error(sdpa())
+            row("torch SDPA (dense, contiguous)", cuda_time_ms(sdpa), flops, "TFLOP/s", note)
+        except RuntimeError as exc:
+            print(f"  torch SDPA (dense, contiguous)     unavailable: {str(exc).splitlines()[0][:60]}")
+        if flash_attn_varlen_func is not None:
+            bench_flash_attn(flash_attn_varlen_func, flash_attn_with_kvcache, q, contiguous_k, contiguous_v,
+                             query_lens, contexts, k_cache, v_cache, tables, ctx_t, flops, ms, error)
+        ref_ms = cuda_time_ms(lambda: paged_prefill_ref(*args), repeat=5, warmup=1)
+        row("torch paged_prefill_ref", ref_ms, flops, "TFLOP/s")
+
+
+def bench_flash_attn(varlen, with_kvcache, q, contiguous_k, contiguous_v, query_lens, contexts, k_cache, v_cache,
+                     tables, ctx_t, flops, triton_ms, error) -> None:
+    """flash-attn rows of the prefill benchmark, each with Triton's speed relative to it (its ms / Triton's ms):
+    varlen over packed contiguous K/V, and the paged kernel on the same block table when flash-attn accepts the
+    page size (FA2 wants pages of a multiple of 256 tokens; otherwise the cache is re-paged into 256-token pages,
+    untimed, and the row says so)."""
+    device = q.device
+
+    def cumulative(lengths: list[int]) -> torch.Tensor:
+        return torch.tensor([sum(lengths[:i]) for i in range(len(lengths) + 1)], dtype=torch.int32, device=device)
+
+    packed_q, packed_k, packed_v = q.contiguous(), torch.cat(contiguous_k), torch.cat(contiguous_v)
+    cu_q, cu_k = cumulative(query_lens), cumulative(contexts)
+
+    def run_varlen() -> torch.Tensor:
+        return varlen(packed_q, packed_k, packed_v, cu_q, cu_k, max(query_lens), max(contexts), causal=True)
+
+    candidates = [("flash-attn varlen (contiguous K/V)", run_varlen)]
+    if len(set(query_lens)) == 1:  # flash_attn_with_kvcache takes q as [batch, seqlen_q, heads, d]
+        batched_q = q.contiguous().view(len(query_lens), query_lens[0], *q.shape[1:])
+        page = 256
+        pages = [-(-length // page) for length in contexts]
+        k_pages = torch.zeros(sum(pages), page, *k_cache.shape[2:], dtype=k_cache.dtype, device=device)
+        v_pages = torch.zeros_like(k_pages)
+        table256 = torch.full((len(pages), max(pages)), -1, dtype=torch.int32, device=device)
+        for c, (k, v) in enumerate(zip(contiguous_k, contiguous_v)):
+            first = sum(pages[:c])
+            k_pages.view(-1, *k_pages.shape[2:])[first * page: first * page + k.shape[0]] = k
+            v_pages.view(-1, *v_pages.shape[2:])[first * page: first * page + v.shape[0]] = v
+            table256[c, :pages[c]] = torch.arange(first, first + pages[c], dtype=torch.int32, device=device)
+
+        def paged(kc, vc, table):
+            return lambda: with_kvcache(batched_q, kc, vc, cache_seqlens=ctx_t, block_table=table,
+                                        causal=True).flatten(0, 1)
+
+        candidates.append((f"flash-attn kvcache ({k_cache.shape[1]}-token pages)", paged(k_cache, v_cache, tables)))
+        candidates.append(("flash-attn kvcache (256-token pages)", paged(k_pages, v_pages, table256)))
+    for name, fn in candidates:
+        try:
+            note = error(fn())
+        except RuntimeError as exc:
+            print(f"  {name:<34s} unavailable: {str(exc).splitlines()[0][:70]}")
+            continue
+        ms = cuda_time_ms(fn)
+        row(name, ms, flops, "TFLOP/s", f"{note}; triton at {ms / triton_ms:.2f}x its speed")
+
+
 def bench_pixel_unshuffle(dtype: torch.dtype, shapes: Shapes) -> None:
     from internvl_engine.kernels.pixel_unshuffle import pixel_unshuffle_layernorm, pixel_unshuffle_layernorm_ref
 
@@ -177,7 +322,7 @@ def bench_tile_norm(shapes: Shapes) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["vit", "decode", "unshuffle", "tile"], default=None)
+    parser.add_argument("--only", choices=["vit", "decode", "prefill", "unshuffle", "tile"], default=None)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter (no timings)")
     args = parser.parse_args(argv)
@@ -194,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         shapes, dtype = Shapes(), getattr(torch, args.dtype)
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     benches = {"vit": lambda: bench_vit_attention(dtype, shapes), "decode": lambda: bench_paged_decode(dtype, shapes),
+               "prefill": lambda: bench_paged_prefill(dtype, shapes),
                "unshuffle": lambda: bench_pixel_unshuffle(dtype, shapes), "tile": lambda: bench_tile_norm(shapes)}
     for name, bench in benches.items():
         if args.only in (None, name):

@@ -3,9 +3,13 @@
     python3 benchmarks/bench_offline.py                                   # CPU, tiny generated checkpoint
     python3 benchmarks/bench_offline.py --preset internvl-chat-v1-5 --random-weights --num-requests 64
     python3 benchmarks/bench_offline.py --model /path/to/InternVL-Chat-V1-5 --image-sizes 3840x2160 --max-tiles 40
+    python3 benchmarks/bench_offline.py --preset internvl-chat-v1-5 --random-weights --vit-budgets 4,8,16,48
 
 Reports requests/s, output tokens/s, TTFT and TPOT percentiles, ViT tiles/s, and the share of engine time
-spent in preprocessing, ViT, prefill steps and decode-only steps. Record GPU results in RESULTS.md.
+spent in preprocessing, ViT, prefill steps and decode-only steps. With --vit-budgets, instead, the 4K-image
+study (benchmarks/vit_stall.py): one 3840x2160 request (41 tiles) arriving beside 8 decoding text streams, its
+TTFT split into preprocessing, queue, ViT and prefill + first token, and the streams' inter-token latency while
+it is encoded, per ViT tile budget; a Markdown table and a PNG. Record GPU results in RESULTS.md.
 """
 from __future__ import annotations
 
@@ -58,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--max-vit-tiles-per-step", type=int, default=48)
+    parser.add_argument("--max-vit-tiles-per-step", type=int, default=8)
+    parser.add_argument("--vit-budgets", default=None,
+                        help="comma list of ViT tiles per step: run the 4K-image study instead (e.g. 4,8,16,48)")
+    parser.add_argument("--streams", type=int, default=8, help="decoding text streams beside the 4K request")
+    parser.add_argument("--plot", default="vit_stall.png", help="the study's PNG (default %(default)s)")
     args = parser.parse_args(argv)
 
     options = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -77,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         llm = LLM(args.model or ensure_tiny_checkpoint("internvl-chat-v1-5", seed=0), dtype=args.dtype,
                   device=args.device, **options)
     load_seconds = time.perf_counter() - start
+    if args.vit_budgets:
+        return vit_study(llm, args, load_seconds)
 
     rng = random.Random(args.seed)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.image_sizes.split(",") if s]
@@ -109,6 +119,20 @@ def main(argv: list[str] | None = None) -> int:
     for o in failed[:5]:
         print(f"  failed {o.request_id}: {o.error}")
     return 0 if not failed else 1
+
+
+def vit_study(llm, args: argparse.Namespace, load_seconds: float) -> int:
+    from vit_stall import plot, run_study, table
+
+    budgets = [int(value) for value in args.vit_budgets.split(",")]
+    print(f"device {llm.runner.device}, dtype {llm.model.dtype}, load {load_seconds:.1f} s; one 3840x2160 request "
+          f"(max {args.max_tiles} tiles) beside {args.streams} decoding streams")
+    rows = run_study(llm, budgets, lambda index: synthetic(3840, 2160, seed=args.seed * 1000 + index),
+                     args.max_tiles, num_streams=args.streams)
+    print(table(rows))
+    saved = plot(rows, args.plot)
+    print(f"plot: {saved}" if saved else "plot: matplotlib not installed")
+    return 0
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def build(args: argparse.Namespace) -> tuple[Scheduler, list[Request]]:
                              max_model_len=max_context + 1, max_waiting=args.num_seqs, block_size=args.block_size)
     held: set[str] = set()
     scheduler = Scheduler(config, BlockManager(num_blocks, args.block_size),
-                          lambda request, image: image.content_hash not in held)
+                          lambda request, image, first: image.num_tiles - first if image.content_hash in held else 0)
     requests = []
     for index in range(args.num_seqs):
         length = rng.randrange(args.min_context, args.max_context - args.steps + 1)
@@ -53,7 +53,7 @@ def build(args: argparse.Namespace) -> tuple[Scheduler, list[Request]]:
         requests.append(request)
     while any(request.num_computed_tokens < request.num_tokens - 1 for request in requests):  # prefill
         output = scheduler.schedule()
-        held.update(image.content_hash for _, image in output.images_to_encode)
+        held.update(tile_slice.image.content_hash for tile_slice in output.tiles_to_encode)
         features = {c.request.request_id: {image.content_hash: range(image.num_tokens) for image in c.request.images}
                     for c in output.chunks}  # stand-ins: the prefill only needs something to slice
         batch = build_batch(output.chunks, args.block_size, features)

@@ -39,7 +39,8 @@ from .outputs import RequestMetrics, RequestOutput
 from .request import FinishReason, ImageSpan, Request
 from .request_state import PreparedRequest, RequestState, make_generator
 from .sampling_params import SamplingParams
-from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, TileSlice
+from .vision_work import VisionWork
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class EngineConfig:
     kv_cache_fraction: float = 0.5
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192
-    max_vit_tiles_per_step: int = 48
+    max_vit_tiles_per_step: int = 8  # see SchedulerConfig: ≤ 120 ms of ViT per step on an H100
     max_model_len: int | None = None
     max_waiting: int = 4096
     max_tiles_per_image: int = 40
@@ -123,8 +124,9 @@ class LLM:
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_vit_tiles_per_step=config.max_vit_tiles_per_step, max_model_len=max_model_len,
             max_waiting=config.max_waiting, block_size=config.block_size),
-            self.block_manager, self._needs_encoding)
+            self.block_manager, self._tiles_ready)
         self.feature_cache = FeatureCache(config.feature_cache_bytes)
+        self.vision = VisionWork(model, self.feature_cache)
         self._states: dict[str, RequestState] = {}
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -228,18 +230,11 @@ class LLM:
     def abort(self, request_id: str) -> None:
         request = self.scheduler.abort(request_id)
         if request is not None:
-            self._states.pop(request_id, None)
+            self.vision.release(self._states.pop(request_id), self._states)
             self._requests.pop(request_id, None)
 
-    def _needs_encoding(self, request: Request, image: ImageSpan) -> bool:
-        state = self._states[request.request_id]
-        if image.content_hash in state.features:
-            return False
-        cached = self.feature_cache.get(image.content_hash)
-        if cached is not None:
-            state.features[image.content_hash] = cached
-            return False
-        return True
+    def _tiles_ready(self, request: Request, image: ImageSpan, first: int) -> int:
+        return self.vision.tiles_ready(self._states[request.request_id], image, first)
 
     # ---- one step ----
     def step(self) -> list[RequestOutput]:
@@ -256,13 +251,13 @@ class LLM:
                 metrics.first_scheduled_time = now
                 metrics.queue_time = now - metrics.arrival_time
         failed: dict[str, tuple[str, str]] = {}  # request id -> (cause, error)
-        if output.images_to_encode:
-            self._encode_isolating(output.images_to_encode, failed)
+        if output.tiles_to_encode:
+            self._encode_isolating(output.tiles_to_encode, failed)
         if not output.chunks:
             return []
         forward_start = time.perf_counter()
         chunks = [chunk for chunk in output.chunks if chunk.request.request_id not in failed]
-        features = {c.request.request_id: self._states[c.request.request_id].features for c in chunks}
+        features = {c.request.request_id: self.vision.features(self._states[c.request.request_id]) for c in chunks}
         sampled, errors = run_isolating(chunks, lambda part: self._forward(part, features))
         decode_only = all(c.num_new_tokens == 1 and c.request.num_computed_tokens >= c.request.num_prompt_tokens
                           for c in chunks)
@@ -313,46 +308,22 @@ class LLM:
         self.stats["request_errors"]["engine"] = self.stats["request_errors"].get("engine", 0) + len(requests)
         return [self._finish(request) for request in requests]
 
-    def _encode_isolating(self, images: Sequence[tuple[Request, ImageSpan]],
-                          failed: dict[str, tuple[str, str]]) -> None:
-        """`_encode`, narrowed down to the image contents that fail on their own when the batch raises."""
-        by_content: dict[str, list[tuple[Request, ImageSpan]]] = {}
-        for request, image in images:
-            by_content.setdefault(image.content_hash, []).append((request, image))
-
-        def encode(groups: Sequence[list[tuple[Request, ImageSpan]]]) -> dict[str, None]:
-            self._encode([pair for group in groups for pair in group])
+    def _encode_isolating(self, slices: Sequence[TileSlice], failed: dict[str, tuple[str, str]]) -> None:
+        """The step's tile slices in one ViT batch, narrowed down to the slices that fail on their own when it
+        raises: every request holding a failed image content fails."""
+        def encode(part: Sequence[TileSlice]) -> dict[str, None]:
+            elapsed = self.vision.encode(part, self._states)
+            self.stats["vit_s"] += elapsed
+            self.stats["tiles_encoded"] += sum(tile_slice.num_tiles for tile_slice in part)
+            for tile_slice in part:
+                self._states[tile_slice.request.request_id].metrics.vit_time += elapsed
             return {}
 
-        for group, err in run_isolating(list(by_content.values()), encode)[1]:
-            for request, _ in group:
-                failed.setdefault(request.request_id, ("vit", f"encoding its image failed: {describe(err)}"))
-
-    def _encode(self, images: Sequence[tuple[Request, ImageSpan]]) -> None:
-        """All granted images in one ViT batch along the tile axis; features cached by content hash."""
-        start = time.perf_counter()
-        unique: dict[str, torch.Tensor] = {}
-        for request, image in images:
-            unique.setdefault(image.content_hash, self._states[request.request_id].pixel_values[image.content_hash])
-        pixel_values = torch.cat(list(unique.values()))
-        with torch.inference_mode():
-            features = self.model.extract_feature(pixel_values)  # [tiles, 256, hidden]
-        offset = 0
-        for key, pixels in unique.items():
-            tiles = pixels.shape[0]
-            encoded = features[offset: offset + tiles].reshape(-1, features.shape[-1])
-            offset += tiles
-            self.feature_cache.put(key, encoded)
-            for request, image in images:
-                if image.content_hash == key:
-                    state = self._states[request.request_id]
-                    state.features[key] = encoded  # pinned until the request finishes (survives preemption)
-                    state.pixel_values.pop(key, None)  # the tiles are no longer needed
-        elapsed = time.perf_counter() - start
-        self.stats["vit_s"] += elapsed
-        self.stats["tiles_encoded"] += pixel_values.shape[0]
-        for request, _ in images:
-            self._states[request.request_id].metrics.vit_time += elapsed
+        for tile_slice, err in run_isolating(list(slices), encode)[1]:
+            key = tile_slice.image.content_hash
+            for request_id, state in self._states.items():
+                if key in state.pixel_values:
+                    failed.setdefault(request_id, ("vit", f"encoding its image failed: {describe(err)}"))
 
     def _sample(self, requests: Sequence[Request], logits: torch.Tensor) -> dict[str, int | None]:
         """logits [len(requests), vocab] float32 -> each request's next token (None: its row cannot be sampled),
@@ -382,7 +353,9 @@ class LLM:
 
     def _finish(self, request: Request) -> RequestOutput:
         self._requests.pop(request.request_id, None)
-        return final_output(request, self._states.pop(request.request_id), self.tokenizer, self.template.stop_token)
+        state = self._states.pop(request.request_id)
+        self.vision.release(state, self._states)
+        return final_output(request, state, self.tokenizer, self.template.stop_token)
 
     # ---- offline API ----
     def generate(self, requests: Iterable[Mapping[str, Any] | str],

@@ -1,13 +1,16 @@
 """Continuous batching over `num_computed_tokens` (plain Python: no torch).
 
 Each step hands out two budgets: tokens (`max_num_batched_tokens`, shared by decodes and prefill chunks) and
-ViT tiles (`max_vit_tiles_per_step`, so a 41-tile image is encoded over several steps while every decode
-stream keeps moving). A step's chunks are, in order: running decodes, continuing prefills, then newly
+ViT tiles (`max_vit_tiles_per_step`). Tiles are independent, so an image is encoded in slices of tiles over as
+many steps as the budget needs (a 41-tile image over 6 steps at 8 tiles), while every decode stream keeps
+getting its token each step. Tile t of an image gives its visual tokens [t * 256, (t + 1) * 256): a prefill chunk
+computes an image's tokens only up to the tiles encoded by the end of its step (the engine encodes a step's
+slices before its forward), so features always exist before the first chunk that needs them. A step's chunks are, in order: running decodes, continuing prefills, then newly
 admitted waiting requests, first come first served. When KV blocks run out, the most recently arrived
 running request is preempted by recompute: it drops its blocks and goes back to the front of the waiting
 queue (the prefix cache usually gives most of them back on readmission).
 
-One step is `schedule()` → the engine encodes `images_to_encode` and runs the chunks → `update()`.
+One step is `schedule()` → the engine encodes `tiles_to_encode` and runs the chunks → `update()`.
 """
 from __future__ import annotations
 
@@ -25,7 +28,10 @@ from .request import FinishReason, ImageSpan, Request, RequestStatus
 class SchedulerConfig:
     max_num_seqs: int = 256  # running requests at once
     max_num_batched_tokens: int = 8192  # tokens computed per step, decodes and prefill chunks together
-    # ViT tiles encoded per step: 8 tiles ≈ 120 ms on one H100 (15 ms per tile), the stall a decode step may see.
+    # ViT tiles encoded per step. InternViT-6B costs ~15 ms per tile on one H100 (the 615 ms floor of 41 tiles),
+    # a V1.5 decode step ~15-25 ms: 8 tiles add ≤ 120 ms to the steps that encode, the longest gap a decode
+    # stream sees, while a 4K image's 41 tiles take 6 steps (≈ 6 decode steps more than one 615 ms pass), which
+    # keeps its TTFT within 1.4 s; 2-4 tiles would smooth the streams more but add 10-20 steps to that TTFT.
     max_vit_tiles_per_step: int = 8
     max_model_len: int = 16384  # prompt + max_tokens
     max_waiting: int = 1024  # admission limit: add_request raises QueueFullError beyond it
@@ -43,6 +49,19 @@ class SchedulerConfig:
                              f" be at least max_model_len ({self.max_model_len})")
 
 
+class TileSlice(NamedTuple):
+    """Encode tiles [start_tile, end_tile) of `image` (whose pixels `request` holds) this step."""
+
+    request: Request
+    image: ImageSpan
+    start_tile: int
+    end_tile: int
+
+    @property
+    def num_tiles(self) -> int:
+        return self.end_tile - self.start_tile
+
+
 class ScheduledChunk(NamedTuple):  # not a frozen dataclass: 256 are built per step, at about half the cost
     """Compute tokens [request.num_computed_tokens, + num_new_tokens) of the request this step."""
 
@@ -53,9 +72,9 @@ class ScheduledChunk(NamedTuple):  # not a frozen dataclass: 256 are built per s
 @dataclass(frozen=True)
 class SchedulerOutput:
     chunks: list[ScheduledChunk]  # decodes, continuing prefills, newly admitted
-    # Every (request, image) whose features this step's chunks need and that needs_encoding reported missing.
-    # An image content can appear for several requests: encode each content_hash once (tiles are counted once).
-    images_to_encode: list[tuple[Request, ImageSpan]]
+    # The tile slices this step's chunks need that are not encoded yet: one per image content (requests that share
+    # a content share its slice), num_tiles in all.
+    tiles_to_encode: list[TileSlice]
     preempted: list[Request]
     num_batched_tokens: int
     num_tiles: int
@@ -71,48 +90,58 @@ class _StepPlan:
     def __init__(self, config: SchedulerConfig) -> None:
         self.tokens_left = config.max_num_batched_tokens
         self.tiles_used = 0
-        self.grants: dict[str, tuple[ScheduledChunk, tuple[ImageSpan, ...]]] = {}  # insertion order = chunk order
-        self.encoding: dict[str, int] = {}  # content_hash -> how many granted images need it
+        # request id -> (its chunk, the contents whose slices it relies on); insertion order = chunk order
+        self.grants: dict[str, tuple[ScheduledChunk, tuple[str, ...]]] = {}
+        self.encoding: dict[str, list] = {}  # content_hash -> [its TileSlice, how many grants rely on it]
         self.preempted: list[Request] = []
 
-    def grant(self, request: Request, num_new_tokens: int, images: tuple[ImageSpan, ...], tiles: int) -> None:
-        self.grants[request.request_id] = (ScheduledChunk(request, num_new_tokens), images)
+    def slice_end(self, content_hash: str) -> int | None:
+        """The end tile of the slice of this content granted this step (None: none)."""
+        entry = self.encoding.get(content_hash)
+        return None if entry is None else entry[0].end_tile
+
+    def grant(self, request: Request, num_new_tokens: int, slices: tuple[TileSlice, ...]) -> None:
+        """slices: those this chunk relies on, new ones (their tiles count) or granted earlier this step."""
+        self.grants[request.request_id] = (ScheduledChunk(request, num_new_tokens),
+                                           tuple(tile_slice.image.content_hash for tile_slice in slices))
         self.tokens_left -= num_new_tokens
-        if images:
-            self.tiles_used += tiles
-            for image in images:
-                self.encoding[image.content_hash] = self.encoding.get(image.content_hash, 0) + 1
+        for tile_slice in slices:
+            entry = self.encoding.get(tile_slice.image.content_hash)
+            if entry is None:
+                self.encoding[tile_slice.image.content_hash] = [tile_slice, 1]
+                self.tiles_used += tile_slice.num_tiles
+            else:
+                entry[1] += 1
 
     def revoke(self, request: Request) -> None:
         entry = self.grants.pop(request.request_id, None)
         if entry is None:
             return
-        chunk, images = entry
+        chunk, hashes = entry
         self.tokens_left += chunk.num_new_tokens
-        for image in images:
-            remaining = self.encoding[image.content_hash] - 1
-            if remaining:
-                self.encoding[image.content_hash] = remaining
-            else:  # no other grant needs this content: its tiles come back
-                del self.encoding[image.content_hash]
-                self.tiles_used -= image.num_tiles
+        for content_hash in hashes:
+            slice_entry = self.encoding[content_hash]
+            slice_entry[1] -= 1
+            if not slice_entry[1]:  # no other grant needs this slice: its tiles come back
+                del self.encoding[content_hash]
+                self.tiles_used -= slice_entry[0].num_tiles
 
     def build(self) -> SchedulerOutput:
         chunks = [chunk for chunk, _ in self.grants.values()]
-        images = [(chunk.request, image) for chunk, granted in self.grants.values() for image in granted]
-        return SchedulerOutput(chunks, images, self.preempted, sum(chunk.num_new_tokens for chunk in chunks),
-                               self.tiles_used)
+        return SchedulerOutput(chunks, [entry[0] for entry in self.encoding.values()], self.preempted,
+                               sum(chunk.num_new_tokens for chunk in chunks), self.tiles_used)
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
-                 needs_encoding: Callable[[Request, ImageSpan], bool]) -> None:
+                 tiles_ready: Callable[[Request, ImageSpan, int], int]) -> None:
         if block_manager.block_size != config.block_size:
             raise ValueError(f"block manager block_size ({block_manager.block_size}) differs from the scheduler's"
                              f" ({config.block_size})")
         self.config = config
         self.block_manager = block_manager
-        self.needs_encoding = needs_encoding  # the engine's answer: are this image's features still missing?
+        # The engine's answer: how many consecutive tiles of this image, from the given one, have features?
+        self.tiles_ready = tiles_ready
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in arrival order: running[-1] is the first to be preempted
         self._requests: dict[str, Request] = {}  # unfinished requests by id
@@ -193,7 +222,7 @@ class Scheduler:
             elif plan.tokens_left == 0:
                 break  # nothing left for prefills either
             elif start >= len(request.prompt_token_ids) and len(request.block_ids) * block_size > start:
-                plan.grant(request, 1, (), 0)  # the common case: an output token (no image) in a block it has
+                plan.grant(request, 1, ())  # the common case: an output token (no image) in a block it has
             else:
                 self._schedule_running(request, plan)
         for request in prefills:
@@ -238,7 +267,7 @@ class Scheduler:
     # ----- internals ---------------------------------------------------------------------------------------
     def _schedule_running(self, request: Request, plan: _StepPlan) -> None:
         start = request.num_computed_tokens
-        num_new, images, tiles = self._fit(request, start, plan)
+        num_new, slices = self._fit(request, start, plan)
         if num_new == 0:
             return
         # Token i lives in block i // block_size: most decode steps need no new block and skip the block manager.
@@ -249,14 +278,14 @@ class Scheduler:
                 if victim is request:
                     return
             self.block_manager.append(request, num_new)
-        plan.grant(request, num_new, images, tiles)
+        plan.grant(request, num_new, slices)
 
     def _admit_waiting(self, plan: _StepPlan) -> None:
         # Strictly first come first served: a head that does not fit blocks the queue, so it cannot starve.
         while self.waiting and len(self.running) < self.config.max_num_seqs and plan.tokens_left > 0:
             request = self.waiting[0]
             start = self.block_manager.match_prefix(request)
-            num_new, images, tiles = self._fit(request, start, plan)
+            num_new, slices = self._fit(request, start, plan)
             if num_new == 0 or not self.block_manager.can_admit(request, num_new):
                 return
             self.block_manager.admit(request)  # sets num_computed_tokens = start
@@ -264,42 +293,63 @@ class Scheduler:
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             insort(self.running, request, key=lambda running: self._arrival_ranks[running.request_id])
-            plan.grant(request, num_new, images, tiles)
+            plan.grant(request, num_new, slices)
 
-    def _fit(self, request: Request, start: int, plan: _StepPlan) -> tuple[int, tuple[ImageSpan, ...], int]:
-        """The chunk [start, start + n) the budgets allow: (n, images it must encode, new tiles); n = 0 to skip."""
+    def _fit(self, request: Request, start: int, plan: _StepPlan) -> tuple[int, tuple[TileSlice, ...]]:
+        """The chunk [start, start + n) the budgets allow and the tile slices it relies on; n = 0 to skip.
+
+        With chunked prefill a chunk stops at the last token whose tile is encoded by the end of this step: the
+        tiles it needs are granted from the ViT budget in order, and what does not fit waits for later steps.
+        Without it the whole prompt is computed in one step, so every image's remaining tiles are granted at
+        once (alone in the step's ViT work if they exceed the budget, rather than never).
+        """
         num_prompt = len(request.prompt_token_ids)
         remaining = num_prompt + len(request.output_token_ids) - start
         num_new = min(remaining, plan.tokens_left)
         chunked = self.config.enable_chunked_prefill
         if num_new < remaining and not chunked:
-            return 0, (), 0
+            return 0, ()
         if start >= num_prompt:  # only outputs left (every decode step): no image tokens
-            return num_new, (), 0
+            return num_new, ()
         end = start + num_new
-        images: list[ImageSpan] = []
-        tiles = 0
-        counted: set[str] = set()
+        slices: list[TileSlice] = []
+        own: dict[str, TileSlice] = {}  # slices this chunk adds (a content may appear twice in one prompt)
+        new_tiles = 0
         for image in request.images_in(start, end):
-            if not self.needs_encoding(request, image):
+            total = image.num_tiles
+            per_tile = image.num_tokens // total
+            # Tiles before `first` are in the KV cache already (a prefix hit mid-image). Without chunking every
+            # image is encoded whole: a content twice in one prompt then needs one slice for both.
+            first = max(start - image.offset, 0) // per_tile if chunked else 0
+            done = first + self.tiles_ready(request, image, first)
+            if done >= total:
                 continue
-            if image.content_hash in plan.encoding or image.content_hash in counted:
-                images.append(image)  # encoded this step anyway: no new tiles
-                continue
-            used = plan.tiles_used + tiles
-            # Fits the budget, or is the step's only ViT work: an image larger than the whole budget (or, without
-            # chunking, a prompt whose images are) is encoded alone rather than never.
-            if used + image.num_tiles <= self.config.max_vit_tiles_per_step or used == 0 or (
-                    not chunked and plan.tiles_used == 0):
-                images.append(image)
-                counted.add(image.content_hash)
-                tiles += image.num_tiles
-            elif chunked and image.offset > start:
-                end = image.offset  # stop before the image; it is encoded in a later step
-                break
+            need = -(-(min(end, image.end) - image.offset) // per_tile) if chunked else total  # tiles this chunk reads
+            granted = own.get(image.content_hash) or (plan.encoding.get(image.content_hash) or (None,))[0]
+            if granted is not None:  # a slice of this content is encoded this step (for this request or another)
+                if granted.start_tile <= done < granted.end_tile:
+                    slices.append(granted)
+                    ready = granted.end_tile
+                else:  # one slice per content and step: these tiles wait
+                    ready = done
             else:
-                return 0, (), 0
-        return end - start, tuple(images), tiles
+                budget = self.config.max_vit_tiles_per_step - plan.tiles_used - new_tiles
+                if not chunked and plan.tiles_used == 0:  # the step's only ViT work: the prompt's images, whole
+                    budget = need - done
+                count = max(0, min(need - done, budget))
+                if count:
+                    own[image.content_hash] = TileSlice(request, image, done, done + count)
+                    slices.append(own[image.content_hash])
+                    new_tiles += count
+                ready = done + count
+            if ready < need:
+                if not chunked:
+                    return 0, ()
+                end = image.offset + ready * per_tile
+                break
+        if end <= start:
+            return 0, ()
+        return end - start, tuple(slices)
 
     def _preempt(self, request: Request, plan: _StepPlan) -> None:
         """Recompute later: drop blocks and computed tokens (outputs are kept), back to the front of the queue."""

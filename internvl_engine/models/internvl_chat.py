@@ -17,6 +17,7 @@ from .projector import Projector, drop_cls_and_shuffle
 
 
 BACKENDS = ("auto", "torch", "triton")
+REFERENCE_TILES_PER_SLICE = 8  # tiles per ViT pass on the PyTorch path (activations of 8 tiles at a time)
 
 
 def triton_available() -> bool:
@@ -58,11 +59,21 @@ class InternVLChatModel(nn.Module):
         return self.language_model.output.weight.device
 
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [tiles, 3, 448, 448] -> visual tokens [tiles, 256, llm_hidden]."""
+        """pixel_values [tiles, 3, 448, 448] -> visual tokens [tiles, 256, llm_hidden].
+
+        Tiles are independent: the PyTorch reference path runs them in slices of REFERENCE_TILES_PER_SLICE, so
+        41 tiles never hold every tile's attention scores and MLP activations at once (the Triton path's
+        attention keeps no scores, and the engine hands the ViT at most max_vit_tiles_per_step tiles anyway).
+        """
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.vision.num_channels:
             raise ValueError(f"pixel_values must be [tiles, 3, H, W], got {list(pixel_values.shape)}")
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
-        use_triton = self.resolved_backend() == "triton"
+        if self.resolved_backend() == "triton":
+            return self._features(pixel_values, use_triton=True)
+        return torch.cat([self._features(pixel_values[start: start + REFERENCE_TILES_PER_SLICE], use_triton=False)
+                          for start in range(0, pixel_values.shape[0], REFERENCE_TILES_PER_SLICE)])
+
+    def _features(self, pixel_values: torch.Tensor, use_triton: bool) -> torch.Tensor:
         hidden = self.vision_model(pixel_values, select_layer=self.config.select_layer, use_triton=use_triton)
         if not use_triton:
             shuffled = drop_cls_and_shuffle(hidden, self.config.downsample_ratio, self.config.ps_version)

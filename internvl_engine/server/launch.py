@@ -78,7 +78,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--block-size", type=int, default=16)
     engine.add_argument("--max-num-seqs", type=int, default=64)
     engine.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    engine.add_argument("--max-vit-tiles-per-step", type=int, default=48)
+    engine.add_argument("--max-vit-tiles-per-step", type=int, default=8,
+                        help="ViT tiles encoded per step; an image larger than this is encoded over several steps "
+                        "while decoding streams keep moving (default %(default)s)")
     engine.add_argument("--max-model-len", type=int, default=None)
     engine.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 503 (default 1024)")
     engine.add_argument("--max-tiles-per-image", type=int, default=40)

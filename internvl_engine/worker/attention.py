@@ -4,8 +4,10 @@ The decoder calls `attend(layer, q, k, v)` on whatever object it is given, so th
 
 `PagedAttention`: one step's tokens from every scheduled request are concatenated into one sequence `[1, T]`.
 Each layer writes its new K/V into the paged cache through `slot_mapping`, then attends per request: the rows
-that decode one token go through `paged_decode` in one call (the Triton kernel on the "triton" backend, its
-PyTorch reference otherwise); prefill chunks attend with PyTorch SDPA over their cached context.
+that decode one token go through `paged_decode` in one call, and every prefill chunk (causal over its cached
+prefix and itself, GQA without repeating K/V) through `paged_prefill` in one call: the Triton kernels on the
+"triton" backend, their memory-bounded PyTorch references otherwise (no [heads, chunk, context] score tensor
+is ever held whole, so a 10K-token image prompt prefills on the CPU too).
 
 `MaskedAttention`: the official full-sequence `forward` (teacher forcing, every position's logits) over a
 padded `[batch, seq]` batch; nothing is cached.
@@ -71,6 +73,13 @@ class PagedAttention:
             self.decode_tables = batch.block_tables.index_select(0, rows)
             self.decode_lens = torch.tensor([batch.context_lens[r] for r in self.decode_rows], dtype=torch.int32,
                                             device=device)
+        if self.prefill_rows:
+            rows = torch.tensor(self.prefill_rows, device=device)
+            self.prefill_tables = batch.block_tables.index_select(0, rows)
+            self.prefill_starts, self.prefill_lens, self.prefill_context = (
+                torch.tensor([values[r] for r in self.prefill_rows], dtype=torch.int32, device=device)
+                for values in (batch.query_starts, batch.query_lens, batch.context_lens))
+            self.max_prefill_len = max(batch.query_lens[r] for r in self.prefill_rows)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [1, heads, T, d]; k, v [1, kv_heads, T, d] -> [1, heads, T, d]."""
@@ -87,47 +96,54 @@ class PagedAttention:
             else:
                 result = paged_decode_ref(queries, keys, values, self.decode_tables, self.decode_lens)
             out[0][:, self.decode_tokens] = result.transpose(0, 1)
-        for row in self.prefill_rows:
-            out[0][:, self._span(row)] = self._prefill(row, q, keys, values)
+        if self.prefill_rows:
+            from ..kernels.paged_prefill import paged_prefill, paged_prefill_ref
+
+            queries, into = q[0].transpose(0, 1), out[0].transpose(0, 1)  # [T, heads, d] views
+            args = (queries, keys, values, self.prefill_tables, self.prefill_starts, self.prefill_lens,
+                    self.prefill_context)
+            if self.batch.use_triton:
+                paged_prefill(*args, self.max_prefill_len, out=into, validate=False)
+            else:
+                paged_prefill_ref(*args, out=into)
         return out
-
-    def _span(self, row: int) -> slice:
-        start = self.batch.query_starts[row]
-        return slice(start, start + self.batch.query_lens[row])
-
-    def _prefill(self, row: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Causal attention of a prefill chunk over everything cached for its request -> [heads, n, d]."""
-        total, count = self.batch.context_lens[row], self.batch.query_lens[row]
-        block_size = self.cache.block_size
-        blocks = self.batch.block_tables[row, : -(-total // block_size)].long()
-        context_k = keys[blocks].flatten(0, 1)[:total].transpose(0, 1)  # [kv_heads, total, d]
-        context_v = values[blocks].flatten(0, 1)[:total].transpose(0, 1)
-        query = q[0][:, self._span(row)]  # [heads, count, d]
-        groups = query.shape[0] // context_k.shape[0]
-        context_k = context_k.repeat_interleave(groups, dim=0)
-        context_v = context_v.repeat_interleave(groups, dim=0)
-        query_pos = torch.arange(total - count, total, device=q.device)
-        mask = torch.arange(total, device=q.device)[None, :] <= query_pos[:, None]  # [count, total]
-        # 4-D inputs: SDPA's fused CPU/GPU kernels take only those; 3-D ones fall back to the math path.
-        return F.scaled_dot_product_attention(query[None], context_k[None], context_v[None], attn_mask=mask)[0]
 
 
 class MaskedAttention:
-    """Causal attention over a padded batch with no cache: the `cache` argument of the official `forward`."""
+    """Causal attention over a padded batch with no cache: the `cache` argument of the official `forward`.
 
-    def __init__(self, attention_mask: torch.Tensor) -> None:
+    Memory-bounded: queries go in blocks whose scores stay under `max_score_elements`, GQA by grouping the query
+    heads of each KV head (K/V are never repeated), and each block's mask is built from the padding mask on the
+    fly (no [seq, seq] mask is kept).
+    """
+
+    def __init__(self, attention_mask: torch.Tensor, max_score_elements: int = 1 << 24) -> None:
         """attention_mask [batch, seq] (0 = padding, never attended to)."""
-        valid = attention_mask.bool()
-        seq = valid.shape[1]
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=valid.device).tril()  # [seq, seq]
-        mask = causal[None] & valid[:, None, :]  # [batch, seq, seq]
+        self.valid = attention_mask.bool()  # [batch, seq]
+        self.max_score_elements = max_score_elements
+
+    def _mask(self, start: int, stop: int) -> torch.Tensor:
+        """[batch, stop - start, seq] bool: query rows [start, stop) may attend to each key."""
+        seq = self.valid.shape[1]
+        keys = torch.arange(seq, device=self.valid.device)
+        causal = keys[None, :] <= torch.arange(start, stop, device=self.valid.device)[:, None]  # [rows, seq]
+        mask = causal[None] & self.valid[:, None, :]
         # A padding query sees no key: let it attend causally so its softmax stays finite (its output is unused).
-        mask = mask | (~mask.any(-1, keepdim=True) & causal[None])
-        self.mask = mask.unsqueeze(1)  # [batch, 1, seq, seq]
+        return mask | (~mask.any(-1, keepdim=True) & causal[None])
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [batch, heads, seq, d]; k, v [batch, kv_heads, seq, d] -> [batch, heads, seq, d]."""
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+        batch, heads, seq, dim = q.shape
+        kv_heads = k.shape[1]
+        groups = heads // kv_heads
+        rows = max(1, self.max_score_elements // max(1, batch * heads * seq))
+        out = torch.empty_like(q)
+        for start in range(0, seq, rows):
+            stop = min(seq, start + rows)
+            count = stop - start
+            grouped = q[:, :, start:stop].reshape(batch, kv_heads, groups * count, dim)  # heads of one KV head
+            mask = self._mask(start, stop)[:, None, None].expand(batch, 1, groups, count, seq)
+            result = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask.reshape(batch, 1, groups * count,
+                                                                                           seq))
+            out[:, :, start:stop] = result.reshape(batch, heads, count, dim)
+        return out

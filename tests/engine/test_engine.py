@@ -84,6 +84,32 @@ def test_preemption_keeps_every_request_and_its_tokens():
     assert llm.block_manager.num_free_blocks == llm.runner.num_blocks
 
 
+@pytest.mark.parametrize("budget", [1, 3])
+def test_a_large_image_is_encoded_in_tile_slices_while_decodes_get_a_token_every_step(budget):
+    name = MODELS[0]
+    llm = make_llm(name, max_vit_tiles_per_step=budget, max_num_batched_tokens=4096)
+    calls = []
+    extract = llm.model.extract_feature
+    llm.model.extract_feature = lambda pixels: calls.append(pixels.shape[0]) or extract(pixels)
+    question, images = "<image>\nDescribe every tile.", [("fhd1920x1080", 12)]  # 8 tiles + thumbnail
+    decoding = llm.add_request("Tell me a story.", SamplingParams(max_tokens=40, temperature=0.0))
+    while not llm._requests[decoding].output_token_ids:
+        llm.step()
+    image = llm.add_request(engine_request(question, images), SamplingParams(max_tokens=5, temperature=0.0))
+    outputs, grown = {}, []
+    while llm.scheduler.has_unfinished():
+        before = len(llm._requests[decoding].output_token_ids) if decoding in llm._requests else None
+        for output in llm.step():
+            outputs[output.request_id] = output
+        if before is not None and decoding not in outputs:
+            grown.append(len(llm._requests[decoding].output_token_ids) - before)
+    assert sum(calls) == 9 and max(calls) <= budget and len(calls) == -(-9 // budget)
+    assert grown and all(step == 1 for step in grown)  # the text stream moved on every step
+    assert outputs[image].token_ids == sequential_tokens(name, question, images, 5)
+    assert outputs[decoding].token_ids == sequential_tokens(name, "Tell me a story.", [], 40)
+    assert llm.block_manager.num_free_blocks == llm.runner.num_blocks
+
+
 def test_same_image_twice_hits_the_caches():
     name = MODELS[0]
     llm = make_llm(name)

@@ -9,25 +9,44 @@ import pytest
 from internvl_engine.engine.batch_builder import build_batch
 from internvl_engine.engine.block_manager import BlockManager
 from internvl_engine.engine.request import FinishReason, ImageSpan, Request, RequestStatus
-from internvl_engine.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerOutput, _StepPlan
+from internvl_engine.engine.scheduler import (QueueFullError, Scheduler, SchedulerConfig, SchedulerOutput, TileSlice,
+                                              _StepPlan)
 
 IMAGE_TOKEN = 7
 
 
 class FakeEngine:
-    """Keeps image features by content hash, as the engine's feature cache does, and samples deterministically."""
+    """Keeps how many tiles of each image content are encoded, as the engine does (features shared by content
+    hash), and samples deterministically."""
 
     def __init__(self, scheduler_config: SchedulerConfig, num_blocks: int) -> None:
-        self.features: set[str] = set()
+        self.encoded: dict[str, set[int]] = {}  # content hash -> its tiles with features
         self.scheduler = Scheduler(scheduler_config, BlockManager(num_blocks, scheduler_config.block_size),
-                                   self.needs_encoding)
+                                   self.tiles_ready)
 
-    def needs_encoding(self, request: Request, image: ImageSpan) -> bool:
-        return image.content_hash not in self.features
+    def tiles_ready(self, request: Request, image: ImageSpan, first: int) -> int:
+        tiles, count = self.encoded.get(image.content_hash, set()), 0
+        while first + count < image.num_tiles and first + count in tiles:
+            count += 1
+        return count
+
+    def has(self, image: ImageSpan, start: int, end: int) -> bool:
+        """Whether the features of image tokens [start, end) exist."""
+        per_tile = image.num_tokens // image.num_tiles
+        lo, hi = max(start, image.offset) - image.offset, min(end, image.end) - image.offset
+        return hi <= lo or set(range(lo // per_tile, -(-hi // per_tile))) <= self.encoded.get(image.content_hash, set())
+
+    def encode(self, output: SchedulerOutput) -> None:
+        for tile_slice in output.tiles_to_encode:  # from the first tile not encoded, within the image
+            tiles = self.encoded.setdefault(tile_slice.image.content_hash, set())
+            assert tile_slice.start_tile not in tiles
+            assert 0 <= tile_slice.start_tile < tile_slice.end_tile <= tile_slice.image.num_tiles
+            # (a slice may run over tiles encoded for a request that started mid-image: rare, and idempotent)
+            tiles |= set(range(tile_slice.start_tile, tile_slice.end_tile))
 
     def step(self, stop_token_ids: frozenset[int] = frozenset()) -> tuple[SchedulerOutput, list[Request]]:
         output = self.scheduler.schedule()
-        self.features.update(image.content_hash for _, image in output.images_to_encode)
+        self.encode(output)
         batch = build_batch(output.chunks, self.scheduler.config.block_size, fake_features(output))
         sampled = {}
         for chunk in output.chunks:  # the model's logits exist only where a chunk reaches its request's end
@@ -110,39 +129,52 @@ def test_without_chunked_prefill_a_prompt_waits_for_room_for_all_of_it():
     assert history == [[("d1", 1), ("d2", 1)], [("d1", 1), ("d2", 1)], [("long", 63)]]
 
 
-def test_vit_budget_cuts_the_chunk_at_the_start_of_an_image_that_does_not_fit():
+def slices(output: SchedulerOutput) -> list[tuple[str, int, int]]:
+    return [(s.image.content_hash, s.start_tile, s.end_tile) for s in output.tiles_to_encode]
+
+
+def test_vit_budget_cuts_the_chunk_at_the_last_tile_it_encodes():
     engine = make_engine(num_blocks=1024, max_num_batched_tokens=4096, max_vit_tiles_per_step=4,
                          max_model_len=4096)
     request = with_images("r", [10, ("x", 3, 768), 5, ("y", 3, 768), 20])
     engine.scheduler.add_request(request)
+    output, _ = engine.step()  # x whole, then y's first tile: the chunk stops after y's first 256 tokens
+    assert grants(output) == [("r", 10 + 768 + 5 + 256)] and output.num_tiles == 4
+    assert slices(output) == [("x", 0, 3), ("y", 0, 1)]
     output, _ = engine.step()
-    assert grants(output) == [("r", 783)] and output.num_tiles == 3
-    assert [image.content_hash for _, image in output.images_to_encode] == ["x"]
-    output, _ = engine.step()
-    assert grants(output) == [("r", 788)] and output.num_tiles == 3
-    assert [image.content_hash for _, image in output.images_to_encode] == ["y"]
+    assert grants(output) == [("r", 512 + 20)] and output.num_tiles == 2 and slices(output) == [("y", 1, 3)]
 
 
-def test_image_larger_than_the_budget_is_encoded_alone():
-    engine = make_engine(max_num_batched_tokens=1024, max_vit_tiles_per_step=4)
-    engine.scheduler.add_request(with_images("small", [2, ("s", 1, 8), 2]))
+def test_an_image_larger_than_the_budget_is_encoded_over_several_steps_while_decodes_go_on():
+    engine = make_engine(max_num_batched_tokens=1024, max_vit_tiles_per_step=3)
+    engine.scheduler.add_request(text("d", 3, max_tokens=20))
+    engine.step()
     engine.scheduler.add_request(with_images("big", [2, ("b", 7, 28), 2]))
-    output, _ = engine.step()  # small takes a tile first: big stops before its image
-    assert grants(output) == [("small", 12), ("big", 2)] and output.num_tiles == 1
-    output, _ = engine.step()  # a step with no other ViT work: the 7-tile image goes alone
-    assert output.num_tiles == 7 and [image.content_hash for _, image in output.images_to_encode] == ["b"]
-    assert ("big", 30) in grants(output)
+    history = []
+    for _ in range(3):
+        output, _ = engine.step()
+        history.append((grants(output), slices(output)))
+    assert history == [([("d", 1), ("big", 2 + 12)], [("b", 0, 3)]),  # 3 tiles: 12 of the image's 28 tokens
+                       ([("d", 1), ("big", 12)], [("b", 3, 6)]),
+                       ([("d", 1), ("big", 4 + 2)], [("b", 6, 7)])]  # the last tile, and the text after it
+
+
+def test_a_chunk_asks_only_for_the_tiles_it_reads():
+    engine = make_engine(max_num_batched_tokens=10, max_vit_tiles_per_step=8, max_model_len=64)
+    engine.scheduler.add_request(with_images("r", [2, ("b", 7, 28), 2]))
+    output, _ = engine.step()  # 10 tokens: 2 of text and 8 image tokens, i.e. 2 tiles
+    assert grants(output) == [("r", 10)] and slices(output) == [("b", 0, 2)]
 
 
 def test_image_is_encoded_once_per_step_and_not_again_mid_image():
     engine = make_engine(max_num_batched_tokens=100, max_vit_tiles_per_step=4, max_model_len=512)
-    engine.scheduler.add_request(with_images("a", [("same", 3, 40), 2]))
-    engine.scheduler.add_request(with_images("b", [("same", 3, 40), 90]))
+    engine.scheduler.add_request(with_images("a", [("same", 3, 39), 2]))
+    engine.scheduler.add_request(with_images("b", [("same", 3, 39), 90]))
     output, _ = engine.step()
-    assert output.num_tiles == 3 and len(output.images_to_encode) == 2  # both need it, tiles counted once
-    assert grants(output) == [("a", 42), ("b", 58)]
+    assert output.num_tiles == 3 and slices(output) == [("same", 0, 3)]  # both need it: one slice
+    assert grants(output) == [("a", 41), ("b", 59)]
     output, _ = engine.step()  # b continues after the image: features are held, nothing to encode
-    assert output.images_to_encode == [] and output.num_tiles == 0
+    assert output.tiles_to_encode == [] and output.num_tiles == 0
 
 
 def test_preemption_recomputes_the_latest_arrival_and_keeps_its_outputs():
@@ -192,7 +224,7 @@ def test_preempting_a_request_granted_earlier_in_the_step_returns_its_tokens():
     engine = make_engine(num_blocks=6, max_num_batched_tokens=16, max_vit_tiles_per_step=2)
     engine.scheduler.add_request(with_images("a", [4, ("x", 2, 8), ("y", 2, 8), 4], max_tokens=1))
     engine.scheduler.add_request(text("b", 3, max_tokens=2))
-    assert grants(engine.step()[0]) == [("a", 12), ("b", 3)]  # a stops before y
+    assert grants(engine.step()[0]) == [("a", 12), ("b", 3)]  # a stops before y (2 tiles per step)
     output, finished = engine.step()  # b (decode) is granted first, then a needs 3 blocks and only 2 are free
     assert grants(output) == [("a", 12)] and output.num_batched_tokens == 12
     assert [request.request_id for request in output.preempted] == ["b"]
@@ -213,14 +245,15 @@ def test_revoking_a_grant_returns_its_tokens_and_only_tiles_no_other_grant_needs
     plan = _StepPlan(SchedulerConfig(max_num_batched_tokens=100, max_vit_tiles_per_step=8))
     shared, own = ImageSpan(0, 12, 3, "shared"), ImageSpan(12, 8, 2, "own")
     first, second = Request("first", [1] * 20, 1, images=[shared]), Request("second", [1] * 20, 1, images=[shared, own])
-    plan.grant(first, 20, (shared,), 3)
-    plan.grant(second, 20, (shared, own), 2)  # shared is encoded for first anyway: only own's tiles are new
+    shared_slice = TileSlice(first, shared, 0, 3)
+    plan.grant(first, 20, (shared_slice,))
+    plan.grant(second, 20, (shared_slice, TileSlice(second, own, 0, 2)))  # shared is encoded for first anyway
     assert (plan.tokens_left, plan.tiles_used) == (60, 5)
+    plan.revoke(first)  # second still relies on the shared slice: its tiles stay
+    assert (plan.tokens_left, plan.tiles_used, plan.slice_end("shared")) == (80, 5, 3)
     plan.revoke(second)
-    assert (plan.tokens_left, plan.tiles_used, plan.encoding) == (80, 3, {"shared": 1})
-    plan.revoke(first)
     assert (plan.tokens_left, plan.tiles_used, plan.encoding) == (100, 0, {})
-    assert plan.build().chunks == []
+    assert plan.build().chunks == [] and plan.build().tiles_to_encode == []
 
 
 def test_admission_limits_and_validation():
@@ -418,14 +451,13 @@ def simulate(seed: int, chunked: bool, prefix_caching: bool) -> None:
         assert output.chunks, "no progress"
         assert output.num_batched_tokens == sum(c.num_new_tokens for c in output.chunks) <= budget
         assert len(output.chunks) <= 6 and scheduler.num_running <= 6
-        distinct = {image.content_hash: image.num_tiles for _, image in output.images_to_encode}
-        first_owners = {}
-        for request, image in output.images_to_encode:
-            first_owners.setdefault(image.content_hash, request.request_id)
-        assert output.num_tiles == sum(distinct.values())
-        # Over the tile budget only as a step's sole ViT work: one image (chunked) or one prompt's images.
-        assert output.num_tiles <= 8 or len(set(first_owners.values())) == (1 if not chunked else len(distinct)) == 1
-        engine.features.update(distinct)
+        contents = [tile_slice.image.content_hash for tile_slice in output.tiles_to_encode]
+        assert len(contents) == len(set(contents))  # one slice per content
+        assert output.num_tiles == sum(tile_slice.num_tiles for tile_slice in output.tiles_to_encode)
+        # Over the tile budget only without chunking, as a step's sole ViT work (one prompt's images).
+        owners = {tile_slice.request.request_id for tile_slice in output.tiles_to_encode}
+        assert output.num_tiles <= 8 or (not chunked and len(owners) == 1)
+        engine.encode(output)
         batch = build_batch(output.chunks, 4, fake_features(output))
         expected = brute_force_batch(output, 4)
         for name in ("input_token_ids", "positions", "rope_lengths", "slot_ids", "logit_indices"):
@@ -435,7 +467,7 @@ def simulate(seed: int, chunked: bool, prefix_caching: bool) -> None:
             request = chunk.request
             start, end = request.num_computed_tokens, request.num_computed_tokens + chunk.num_new_tokens
             for image in request.images_in(start, end):  # every image feature the chunk reads exists
-                assert image.content_hash in engine.features
+                assert engine.has(image, start, end)
             for offset, position in enumerate(range(start, end)):
                 kv[batch.slot_ids[slot_start + offset]] = expected_kv(request, position)
             for position in range(end):  # attention reads the whole context through the block table
@@ -443,9 +475,9 @@ def simulate(seed: int, chunked: bool, prefix_caching: bool) -> None:
         sampled = {c.request.request_id: token_for(c.request.request_id, c.request.num_tokens)
                    for c in output.chunks if c.request.request_id in batch.logit_request_ids}
         finished += scheduler.update(output, sampled, set(stop))
-        for content_hash in list(engine.features):  # the feature cache evicts now and then
-            if rng.random() < 0.3:
-                engine.features.discard(content_hash)
+        for content_hash, tiles in list(engine.encoded.items()):  # the feature cache evicts finished ones now and then
+            if len(tiles) == IMAGE_LIBRARY[content_hash] and rng.random() < 0.3:
+                del engine.encoded[content_hash]
     assert not pending and not scheduler.has_unfinished() and len(finished) == len(submitted) == 80
     for request in finished:
         assert request.output_token_ids == expected_outputs(request, stop)

@@ -18,5 +18,5 @@ def test_bench_kernels_smoke(capsys, monkeypatch):
     assert module.main(["--smoke"]) == 0
     out = capsys.readouterr().out
     assert "bit-identical to the official recipe: True" in out
-    for section in ("ViT attention", "paged decode", "pixel unshuffle", "tile normalisation"):
+    for section in ("ViT attention", "paged decode", "paged prefill", "pixel unshuffle", "tile normalisation"):
         assert section in out

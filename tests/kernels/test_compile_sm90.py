@@ -23,7 +23,7 @@ How:
   make sure ptxas really runs.
 * No GPU is needed, and a present one is not used: the target is always sm_90.
 
-One representative configuration per kernel path and dtype (not every combination), about 15 compilations.
+One representative configuration per kernel path and dtype (not every combination), about 20 compilations.
 """
 from __future__ import annotations
 
@@ -64,6 +64,28 @@ CONFIGS = [
     dict(id="paged_decode-mha-bf16-splits", build="paged_decode",
          params=dict(dtype="bf16", batch=8, q_heads=32, kv_heads=32, head_dim=96, block_size=16, context=4096),
          kernels=["_paged_decode_split_kernel", "_paged_decode_reduce_kernel"]),
+    # Paged prefill, as the engine calls it (q and out transposed views of [heads, T, head_dim], 16-token pages):
+    # InternLM2-20B (48 q / 8 KV heads, head_dim 128: GQA 6 packed into 128-row tiles), a 2048-token chunk over an
+    # 8192-token context, bf16 and fp16; four short chunks (BLOCK_M fitted down to 16 rows); Mini-2B (16 / 8 heads);
+    # Phi-3-mini MHA (32 / 32 heads, head_dim 96 padded to 128); fp32 (32 x 32 tiles: IEEE dots are FMA loops).
+    dict(id="paged_prefill-20B-bf16", build="paged_prefill",
+         params=dict(dtype="bf16", chunks=1, chunk=2048, context=8192, q_heads=48, kv_heads=8, head_dim=128,
+                     block_size=16), kernels=["_paged_prefill_kernel"]),
+    dict(id="paged_prefill-20B-fp16", build="paged_prefill",
+         params=dict(dtype="fp16", chunks=1, chunk=2048, context=8192, q_heads=48, kv_heads=8, head_dim=128,
+                     block_size=16), kernels=["_paged_prefill_kernel"]),
+    dict(id="paged_prefill-20B-bf16-short-chunks", build="paged_prefill",
+         params=dict(dtype="bf16", chunks=4, chunk=2, context=4096, q_heads=48, kv_heads=8, head_dim=128,
+                     block_size=16), kernels=["_paged_prefill_kernel"]),
+    dict(id="paged_prefill-2B-bf16", build="paged_prefill",
+         params=dict(dtype="bf16", chunks=1, chunk=2048, context=8192, q_heads=16, kv_heads=8, head_dim=128,
+                     block_size=16), kernels=["_paged_prefill_kernel"]),
+    dict(id="paged_prefill-phi3-mha-d96-bf16", build="paged_prefill",
+         params=dict(dtype="bf16", chunks=1, chunk=2048, context=8192, q_heads=32, kv_heads=32, head_dim=96,
+                     block_size=16), kernels=["_paged_prefill_kernel"]),
+    dict(id="paged_prefill-2B-fp32", build="paged_prefill",
+         params=dict(dtype="fp32", chunks=2, chunk=1024, context=4096, q_heads=16, kv_heads=8, head_dim=128,
+                     block_size=16), kernels=["_paged_prefill_kernel"]),
     # InternViT-6B (C 3200, ps v1) and InternViT-300M (C 1024, ps v2) features, 13 tiles, bf16 LayerNorm params.
     dict(id="pixel_unshuffle-C3200-bf16", build="pixel_unshuffle", params=dict(dtype="bf16", C=3200, ps="v1"),
          kernels=["_pixel_unshuffle_layernorm_kernel"]),
@@ -158,6 +180,24 @@ def build_paged_decode(dtype, batch, q_heads, kv_heads, head_dim, block_size, co
     # calls it (validate=False: no host read of seq_lens).
     with intercept(mod, "_paged_decode_split_kernel", "_paged_decode_reduce_kernel") as calls:
         mod.paged_decode(q, k_cache, v_cache, tables, lens, validate=False)
+    return calls
+
+
+def build_paged_prefill(dtype, chunks, chunk, context, q_heads, kv_heads, head_dim, block_size):
+    from internvl_engine.kernels import paged_prefill as mod
+    dt = DTYPES[dtype]
+    tokens = chunks * chunk
+    max_blocks = context // block_size
+    # The engine's layout: q and out are [T, heads, d] views of [heads, T, d] (the model's [1, heads, T, d]).
+    q = torch.empty(q_heads, tokens, head_dim, dtype=dt, device=META).transpose(0, 1)
+    out = torch.empty(q_heads, tokens, head_dim, dtype=dt, device=META).transpose(0, 1)
+    k_cache = torch.empty(chunks * max_blocks, block_size, kv_heads, head_dim, dtype=dt, device=META)
+    v_cache = torch.empty(chunks * max_blocks, block_size, kv_heads, head_dim, dtype=dt, device=META)
+    tables = torch.empty(chunks, max_blocks, dtype=torch.int32, device=META)
+    starts, lens, contexts = (torch.empty(chunks, dtype=torch.int32, device=META) for _ in range(3))
+    # validate=False: no host read of the lengths (meta tensors have no data), as the engine calls it.
+    with intercept(mod, "_paged_prefill_kernel") as calls:
+        mod.paged_prefill(q, k_cache, v_cache, tables, starts, lens, contexts, chunk, out=out, validate=False)
     return calls
 
 

@@ -6,6 +6,8 @@ import torch
 
 from internvl_engine.kernels.paged_decode import choose_num_splits, paged_decode, paged_decode_ref
 
+from huge_cache import huge_cache
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter's bf16 x bf16 tl.dot is wrong, so bf16 runs only on the real compiler.
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if torch.cuda.is_available() else [])
@@ -104,24 +106,15 @@ def test_choose_num_splits():
 
 
 def test_int64_offsets():
-    """A fused KV cache with > 2**31 elements and blocks beyond the int32 offset range. Memory is allocated
-    lazily (only the blocks in the table are touched), and the references run on a compact copy of those blocks."""
-    block_size, kv, d, group = 16, 2, 16, 6
-    row = block_size * 2 * kv * d
-    num_blocks = 2**31 // row + 64
-    cache = torch.empty(num_blocks, block_size, 2 * kv, d, dtype=torch.float16, device=DEVICE)
-    k, v = cache[:, :, :kv], cache[:, :, kv:]
-    assert k.stride(0) * (num_blocks - 1) > 2**31
+    """A fused KV cache with > 2**31 elements and blocks beyond the int32 offset range; the references run on a
+    compact copy of those blocks."""
+    kv, d, group = 2, 16, 6
+    cache = huge_cache(kv, d, DEVICE)
     gen = torch.Generator().manual_seed(7)
-    table = torch.tensor([[num_blocks - 1, num_blocks - 40, 2**31 // row + 1, -1], [3, num_blocks - 7, -1, -1]],
-                         dtype=torch.int32, device=DEVICE)
-    compact_table = torch.tensor([[0, 1, 2, -1], [3, 4, -1, -1]], dtype=torch.int32, device=DEVICE)
-    used = torch.cat([table[0, :3], table[1, :2]]).long()
-    compact = torch.randn(len(used), block_size, 2 * kv, d, generator=gen).to(torch.float16).to(DEVICE)
-    cache[used] = compact
     q = torch.randn(2, kv * group, d, generator=gen).to(torch.float16).to(DEVICE)
     lens = torch.tensor([40, 17], dtype=torch.int32, device=DEVICE)
-    ref_inputs = (compact[:, :, :kv], compact[:, :, kv:], compact_table)
+    k, v, table = cache.k, cache.v, cache.table
+    ref_inputs = (cache.compact_k, cache.compact_v, cache.compact_table)
     for num_splits in (1, 2):
         check(q, k, v, table, lens, ref_inputs=ref_inputs, num_splits=num_splits)
 
