@@ -97,15 +97,17 @@ def test_add_request_raises_what_the_engine_refuses():
     from internvl_engine.engine.scheduler import QueueFullError
 
     engine = AsyncLLM.from_pretrained(checkpoint(MODELS[0]), dtype=torch.float32, device="cpu", backend="torch",
-                                      max_waiting=1)
+                                      max_waiting=1, max_num_seqs=1)
 
     async def run():
         with pytest.raises(ValueError, match="max_tokens"):
             await engine.add_request("Hi", SamplingParams(max_tokens=10 ** 7))
-        first = await engine.add_request("Hi", SamplingParams(max_tokens=2))
-        with pytest.raises(QueueFullError):  # the first is still waiting: the engine thread has not stepped
-            await asyncio.gather(engine.add_request("Hi", SamplingParams(max_tokens=2)),
-                                 engine.add_request("Hi", SamplingParams(max_tokens=2)))
-        return [o async for o in engine.stream(first)][-1]
+        # One running request (max_num_seqs 1) that lasts, one waiting behind it: the queue is full.
+        first = await engine.add_request("Hi", SamplingParams(max_tokens=1000, ignore_eos=True))
+        second = await engine.add_request("Hi", SamplingParams(max_tokens=2))
+        with pytest.raises(QueueFullError):
+            await engine.add_request("Hi", SamplingParams(max_tokens=2))
+        engine.abort(first)
+        return [o async for o in engine.stream(second)][-1]
 
     assert asyncio.run(run()).finish_reason in ("stop", "length")
