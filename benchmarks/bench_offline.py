@@ -45,10 +45,11 @@ def percentiles(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from internvl_engine import LLM, SamplingParams
+    from internvl_engine.config import MODEL_PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the tiny demo checkpoint)")
-    parser.add_argument("--preset", default=None, choices=["internvl-chat-v1-5", "mini-internvl-chat-2b-v1-5"])
+    parser.add_argument("--preset", default=None, choices=MODEL_PRESETS)
     parser.add_argument("--random-weights", action="store_true", help="with --preset: real shapes, random weights")
     parser.add_argument("--tokenizer", default=None,
                         help="with --preset: a folder with tokenizer files (default: the tiny demo tokenizer)")
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         from internvl_engine.testing.checkpoint_builder import ensure_tiny_tokenizer
 
         llm = LLM(None, dtype=args.dtype, device=args.device, preset=args.preset,
-                  tokenizer=args.tokenizer or ensure_tiny_tokenizer(), **options)
+                  tokenizer=args.tokenizer or ensure_tiny_tokenizer(preset=args.preset), **options)
     else:
         from internvl_engine.testing.checkpoint_builder import ensure_tiny_checkpoint
 

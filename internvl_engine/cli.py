@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .config import MODEL_PRESETS
+
 
 def _demo_image(width: int = 1280, height: int = 720) -> Image.Image:
     """A deterministic synthetic picture (gradients and a checkerboard), so the demo needs no download."""
@@ -93,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", parents=[common], help="chat about a generated image with a tiny random checkpoint")
     demo.add_argument("--preset", default="internvl-chat-v1-5",
-                      choices=["internvl-chat-v1-5", "mini-internvl-chat-2b-v1-5"])
+                      choices=MODEL_PRESETS)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--model", default=None, help="use this checkpoint folder instead of the tiny one")
     demo.add_argument("--image", default=None, help="an image file instead of the generated picture")

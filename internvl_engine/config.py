@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
+# The released models this engine serves, by the names of their presets (tiny checkpoints and real shapes).
+MODEL_PRESETS = ("internvl-chat-v1-5", "mini-internvl-chat-2b-v1-5", "mini-internvl-chat-4b-v1-5")
+
+
 class ConfigError(ValueError):
     """config.json is missing, unreadable, or has a missing / invalid field."""
 
@@ -92,15 +96,24 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """InternLM2 rotary scaling: 'dynamic' (NTK, active past max_position_embeddings) or 'linear'."""
+    """Rotary scaling: InternLM2's 'dynamic' (NTK, active past max_position_embeddings) or 'linear' (`factor`);
+    Phi-3's 'su' (LongRoPE, alias 'longrope'): per-frequency `short_factor` / `long_factor` lists."""
 
     type: str
-    factor: float
+    factor: float = 1.0
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+
+
+LLM_ARCHITECTURES = ("InternLM2ForCausalLM", "Phi3ForCausalLM")
+# The official config classes' defaults where they differ by architecture (InternLM2Config, Phi3Config).
+_PHI3_DEFAULTS = dict(max_position_embeddings=4096, rms_norm_eps=1e-5, bias=False, bos_token_id=1, eos_token_id=32000,
+                      pad_token_id=32000)
 
 
 @dataclass(frozen=True)
 class LLMConfig:
-    """InternLM2 decoder (the V1.5 family's language model)."""
+    """The language model: InternLM2 (V1.5, Mini-2B) or Phi-3 (Mini-4B)."""
 
     vocab_size: int
     hidden_size: int
@@ -119,6 +132,8 @@ class LLMConfig:
     pad_token_id: int = 0
     tie_word_embeddings: bool = False
     architecture: str = "InternLM2ForCausalLM"
+    original_max_position_embeddings: int | None = None  # Phi-3 'su': where the long factors start
+    sliding_window: int | None = None  # Phi-3: a query at p sees keys p - w + 1 ... p
 
     @property
     def head_dim(self) -> int:
@@ -130,7 +145,8 @@ class LLMConfig:
 
     @property
     def max_context_length(self) -> int:
-        """Longest sequence served: max_position_embeddings, times the rope scaling factor when scaled."""
+        """Longest sequence served: max_position_embeddings, times the dynamic/linear scaling factor when scaled
+        (Phi-3's su scaling is already counted in its max_position_embeddings)."""
         factor = self.rope_scaling.factor if self.rope_scaling is not None else 1.0
         return int(self.max_position_embeddings * max(factor, 1.0))
 
@@ -138,18 +154,17 @@ class LLMConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> "LLMConfig":
         w = "llm_config."
         architectures = d.get("architectures") or ["InternLM2ForCausalLM"]
-        if architectures[0] != "InternLM2ForCausalLM":
-            raise ConfigError(f"config.json: '{w}architectures' is {architectures[0]!r}; this engine supports "
-                              f"InternLM2ForCausalLM (the InternVL 1.5 LLM)")
+        architecture = architectures[0]
+        if architecture not in LLM_ARCHITECTURES:
+            raise ConfigError(f"config.json: '{w}architectures' is {architecture!r}; this engine supports "
+                              f"{' and '.join(LLM_ARCHITECTURES)} (the InternVL 1.5 LLMs)")
+        phi3 = architecture == "Phi3ForCausalLM"
+        default = (lambda name, value: _PHI3_DEFAULTS.get(name, value)) if phi3 else (lambda name, value: value)
         heads = _positive(_get(d, "num_attention_heads", w, int), w + "num_attention_heads")
         kv_heads = _positive(_get(d, "num_key_value_heads", w, int, heads), w + "num_key_value_heads")
-        scaling = d.get("rope_scaling")
-        rope_scaling = None
-        if scaling is not None:
-            if not isinstance(scaling, Mapping) or scaling.get("type") not in ("dynamic", "linear"):
-                raise ConfigError(f"config.json: '{w}rope_scaling' must have type 'dynamic' or 'linear', got {scaling!r}")
-            rope_scaling = RopeScaling(type=scaling["type"], factor=float(_get(scaling, "factor", w + "rope_scaling.",
-                                                                               (int, float))))
+        max_positions = _get(d, "max_position_embeddings", w, int, default("max_position_embeddings", 2048))
+        original = _get(d, "original_max_position_embeddings", w, int, max_positions) if phi3 else None
+        sliding_window = _get(d, "sliding_window", w, int, None) if phi3 else None
         cfg = cls(
             vocab_size=_positive(_get(d, "vocab_size", w, int), w + "vocab_size"),
             hidden_size=_positive(_get(d, "hidden_size", w, int), w + "hidden_size"),
@@ -157,22 +172,46 @@ class LLMConfig:
             num_hidden_layers=_positive(_get(d, "num_hidden_layers", w, int), w + "num_hidden_layers"),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
-            max_position_embeddings=_get(d, "max_position_embeddings", w, int, 2048),
-            rms_norm_eps=float(_get(d, "rms_norm_eps", w, (int, float), 1e-6)),
+            max_position_embeddings=max_positions,
+            rms_norm_eps=float(_get(d, "rms_norm_eps", w, (int, float), default("rms_norm_eps", 1e-6))),
             rope_theta=float(_get(d, "rope_theta", w, (int, float), 10000.0)),
-            rope_scaling=rope_scaling,
+            rope_scaling=_rope_scaling(d.get("rope_scaling"), w, phi3, heads, _get(d, "hidden_size", w, int)),
             hidden_act=_get(d, "hidden_act", w, str, "silu"),
-            bias=_get(d, "bias", w, bool, True),
-            bos_token_id=_get(d, "bos_token_id", w, int, 1),
-            eos_token_id=_get(d, "eos_token_id", w, int, 2),
-            pad_token_id=_get(d, "pad_token_id", w, int, 0),
+            bias=_get(d, "bias", w, bool, default("bias", True)),
+            bos_token_id=_get(d, "bos_token_id", w, int, default("bos_token_id", 1)),
+            eos_token_id=_get(d, "eos_token_id", w, int, default("eos_token_id", 2)),
+            pad_token_id=_get(d, "pad_token_id", w, int, default("pad_token_id", 0)),
             tie_word_embeddings=_get(d, "tie_word_embeddings", w, bool, False),
-            architecture=architectures[0],
+            architecture=architecture,
+            original_max_position_embeddings=original,
+            sliding_window=sliding_window,
         )
+        if sliding_window is not None and sliding_window < 1:
+            raise ConfigError(f"config.json: '{w}sliding_window' must be >= 1, got {sliding_window}")
         if cfg.hidden_size % heads or heads % kv_heads:
             raise ConfigError(f"config.json: '{w}hidden_size' ({cfg.hidden_size}) must be divisible by "
                               f"num_attention_heads ({heads}), which must be divisible by num_key_value_heads ({kv_heads})")
         return cfg
+
+
+def _rope_scaling(scaling: Any, w: str, phi3: bool, heads: int, hidden: int) -> RopeScaling | None:
+    if scaling is None:
+        return None
+    kinds = ("su", "longrope") if phi3 else ("dynamic", "linear")
+    if not isinstance(scaling, Mapping) or scaling.get("type") not in kinds:
+        raise ConfigError(f"config.json: '{w}rope_scaling' must have type {' or '.join(map(repr, kinds))}, got "
+                          f"{scaling!r}")
+    if not phi3:
+        return RopeScaling(type=scaling["type"], factor=float(_get(scaling, "factor", w + "rope_scaling.",
+                                                                   (int, float))))
+    lists = {}
+    for name in ("short_factor", "long_factor"):
+        values = _get(scaling, name, w + "rope_scaling.", list)
+        if len(values) != hidden // heads // 2 or not all(isinstance(v, (int, float)) and v > 0 for v in values):
+            raise ConfigError(f"config.json: '{w}rope_scaling.{name}' must hold head_dim / 2 = {hidden // heads // 2} "
+                              f"positive numbers, got {len(values)} values")
+        lists[name] = tuple(float(v) for v in values)
+    return RopeScaling(type="su", **lists)
 
 
 @dataclass(frozen=True)

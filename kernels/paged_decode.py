@@ -2,8 +2,10 @@
 
 Semantics (== `paged_decode_ref`): for sequence s and query head h, with kv = h // (num_q_heads // num_kv_heads),
 token t of s lives at k_cache[block_tables[s, t // block_size], t % block_size, kv] (same for V), and
-    out[s, h] = softmax(scale * q[s, h] . K[s, :seq_lens[s], kv]^T) @ V[s, :seq_lens[s], kv]
-Block-table entries past cdiv(seq_lens[s], block_size) are never read (they may be -1 or garbage).
+    out[s, h] = softmax(scale * q[s, h] . K[s, lo:seq_lens[s], kv]^T) @ V[s, lo:seq_lens[s], kv]
+with lo = 0, or with a sliding window of w tokens (Phi-3's `sliding_window`: the query, at position
+seq_lens[s] - 1, sees only its last w keys) lo = max(0, seq_lens[s] - w). Block-table entries past
+cdiv(seq_lens[s], block_size) are never read (they may be -1 or garbage), nor those wholly before lo.
 
 Design. Pass 1 grid (num_seqs, num_kv_heads, num_splits): one program owns ALL query heads of one KV head (a
 [GROUP_PAD >= 16, head_dim] query tile) and one split of the context (a whole number of KV blocks), so each K/V
@@ -19,6 +21,16 @@ num_splits=None picks splits from block_tables.shape[1] (not from seq_lens: no h
 so that num_seqs * num_kv_heads * num_splits >= 2 * SMs where each split still has >= _MIN_SPLIT_TOKENS tokens.
 Splits past the end of a shorter sequence exit after zero iterations and are ignored by pass 2.
 
+Sliding window (a constexpr path: without one the kernels are exactly the windowless ones). The splits stay
+fixed ranges of the table; each split starts its loop at max(its first token, lo), so tiles wholly before the
+window are never loaded (the split holding lo starts its first tile at lo itself, not on a page or tile
+boundary: tokens are gathered one by one anyway, and no lane falls before lo, so no extra mask). Splits wholly before the window
+then run zero iterations, like the empty splits past the end: the valid splits of a sequence are the
+contiguous range [lo // tokens_per_split, cdiv(seq_len, tokens_per_split)), and pass 2 merges exactly that
+range (each split in it holds >= 1 window token, so no merge sees an empty partial). A window >= the table's
+capacity (max_blocks * block_size) can never bind and takes the windowless kernels (e.g. Mini-InternVL-4B's
+262144-token window over a 131072-token context).
+
 Full-size shapes (head_dim 128, block_size 16 or 32, fp16/bf16):
     InternLM2-20B (InternVL-Chat-V1.5): q [batch, 48, 128], caches [num_blocks, block_size, 8, 128]
     InternLM2-1.8B (Mini-InternVL-2B):  q [batch, 16, 128], caches [num_blocks, block_size, 8, 128]
@@ -31,6 +43,7 @@ FLOPs (for reference): 4 * sum(seq_lens) * num_q_heads * head_dim.
 from __future__ import annotations
 
 import math
+from numbers import Integral
 
 import torch
 import triton
@@ -54,6 +67,7 @@ def _paged_decode_split_kernel(
     l_ptr,  # [num_seqs, num_q_heads, num_splits] fp32 scratch: sum of exp2(logit - max)
     qk_scale,  # scale * log2(e)
     tokens_per_split,  # multiple of block_size
+    window,  # sliding window in tokens (read only when HAS_WINDOW)
     stride_qs, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -69,6 +83,7 @@ def _paged_decode_split_kernel(
     HEAD_DIM_PAD: tl.constexpr,  # power of two >= max(16, head_dim)
     USE_DOT: tl.constexpr,
     WRITE_OUT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
@@ -76,6 +91,10 @@ def _paged_decode_split_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)  # start >= end: empty split, zero iterations
+    if HAS_WINDOW:
+        # Keys [seq_len - window, seq_len) only: skip what precedes the window (a split wholly before it
+        # becomes empty). start >= 0 already, so a window longer than the sequence changes nothing.
+        start = tl.maximum(start, seq_len - window)
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM_PAD)
@@ -121,7 +140,7 @@ def _paged_decode_split_kernel(
 
     row_mask = g_mask[:, None] & d_mask[None, :]
     if WRITE_OUT:
-        out = acc / l_i[:, None]  # split 0 of a single split always holds >= 1 token: l_i > 0
+        out = acc / l_i[:, None]  # a single split holds every window token, >= 1: l_i > 0
         tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :] * stride_od,
                  out.to(out_ptr.dtype.element_ty), mask=row_mask)
     else:
@@ -141,18 +160,25 @@ def _paged_decode_reduce_kernel(
     out_ptr,  # [num_seqs, num_q_heads, head_dim]
     tokens_per_split,
     num_splits,
+    window,  # sliding window in tokens (read only when HAS_WINDOW)
     stride_as, stride_ah, stride_ap,
     stride_ms, stride_mh,
     stride_os, stride_oh, stride_od,
     head_dim,
     SPLIT_TILE: tl.constexpr,  # power of two
     HEAD_DIM_PAD: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + seq)
-    # Splits holding >= 1 token of this sequence; the rest were never filled in meaningfully.
+    # Splits [first, n_valid) hold >= 1 (window) token of this sequence; the others ran zero iterations (their
+    # m = -inf, l = 0 would merge as nothing, but they are not even read). first <= n_valid - 1 as seq_len >= 1.
     n_valid = tl.minimum((seq_len + tokens_per_split - 1) // tokens_per_split, num_splits)
+    if HAS_WINDOW:
+        first = tl.maximum(seq_len - window, 0) // tokens_per_split
+    else:
+        first = 0
     sp = tl.arange(0, SPLIT_TILE)
     d = tl.arange(0, HEAD_DIM_PAD)
     d_mask = d < head_dim
@@ -161,9 +187,9 @@ def _paged_decode_reduce_kernel(
     m_run = tl.full([1], float("-inf"), dtype=tl.float32)
     l_run = tl.zeros([1], dtype=tl.float32)
     o_run = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
-    for s0 in range(0, n_valid, SPLIT_TILE):  # online log-sum-exp over chunks of splits
+    for s0 in range(first, n_valid, SPLIT_TILE):  # online log-sum-exp over chunks of splits
         s_idx = s0 + sp
-        s_mask = s_idx < n_valid  # each chunk has >= 1 valid split, so m_new is finite
+        s_mask = s_idx < n_valid  # each chunk starts on a valid split, so m_new is finite
         m = tl.load(m_ptr + ml_row + s_idx, mask=s_mask, other=float("-inf"))  # [SPLIT_TILE]
         l = tl.load(l_ptr + ml_row + s_idx, mask=s_mask, other=0.0)
         a = tl.load(acc_row + s_idx[:, None] * stride_ap + d[None, :], mask=s_mask[:, None] & d_mask[None, :],
@@ -206,7 +232,15 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, block_s
     return -(-max_blocks // blocks), blocks
 
 
-def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, num_splits, validate):
+def check_sliding_window(sliding_window) -> None:
+    """sliding_window must be None (no window) or a host int >= 1 (a query at p sees keys p - w + 1 ... p)."""
+    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, Integral)
+                                       or sliding_window < 1):
+        raise ValueError(f"sliding_window must be None or an int >= 1; got {sliding_window!r}")
+
+
+def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, num_splits, validate, sliding_window=None):
+    check_sliding_window(sliding_window)
     if q.dim() != 3 or k_cache.dim() != 4:
         raise ValueError(f"q must be [num_seqs, heads, head_dim] and k_cache [num_blocks, block_size, kv_heads, "
                          f"head_dim]; got {tuple(q.shape)} and {tuple(k_cache.shape)}")
@@ -241,14 +275,17 @@ def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, num_splits, valid
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, scale: float | None = None, num_splits: int | None = None,
-                 validate: bool = True) -> torch.Tensor:
+                 validate: bool = True, sliding_window: int | None = None) -> torch.Tensor:
     """Decode attention over a paged KV cache -> [num_seqs, num_q_heads, head_dim] in q's dtype.
 
-    num_splits: None picks it (see `choose_num_splits`); an int forces it (splits past a sequence's end are empty).
+    num_splits: None picks it (see `choose_num_splits`); an int forces it (splits past a sequence's end, or wholly
+    before its window, are empty).
     validate=False skips the seq_lens range check, the only one that reads tensor data (host sync on GPU).
+    sliding_window: None (attend to the whole context) or an int w >= 1: the query, at position seq_lens[s] - 1,
+    attends to keys [max(0, seq_lens[s] - w), seq_lens[s]) only.
     Any strides are accepted (e.g. q sliced from a fused qkv, K/V views of one fused cache).
     """
-    _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, num_splits, validate)
+    _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, num_splits, validate, sliding_window)
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     max_blocks = block_tables.shape[1]
@@ -258,6 +295,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         return out
     if scale is None:
         scale = head_dim ** -0.5
+    if sliding_window is not None and sliding_window >= max_blocks * block_size:
+        sliding_window = None  # longer than any sequence the table can hold: never binds
+    has_window = sliding_window is not None
 
     if num_splits is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else _DEFAULT_SMS
@@ -279,26 +319,29 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         l = torch.empty_like(m)
     _paged_decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, acc, m, l,
-        float(scale) * math.log2(math.e), tokens_per_split,
+        float(scale) * math.log2(math.e), tokens_per_split, sliding_window if has_window else 0,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
         head_dim, group,
         BLOCK_SIZE=block_size, TILE_N=tile_n, GROUP_PAD=group_pad, HEAD_DIM_PAD=head_dim_pad,
-        USE_DOT=use_dot, WRITE_OUT=write_out, num_warps=num_warps,
+        USE_DOT=use_dot, WRITE_OUT=write_out, HAS_WINDOW=has_window, num_warps=num_warps,
     )
     if not write_out:
         _paged_decode_reduce_kernel[(num_seqs, num_q_heads)](
-            acc, m, l, seq_lens, out, tokens_per_split, num_splits,
+            acc, m, l, seq_lens, out, tokens_per_split, num_splits, sliding_window if has_window else 0,
             acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), *out.stride(),
             head_dim, SPLIT_TILE=min(_SPLIT_TILE, triton.next_power_of_2(num_splits)), HEAD_DIM_PAD=head_dim_pad,
-            num_warps=4,
+            HAS_WINDOW=has_window, num_warps=4,
         )
     return out
 
 
 def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """PyTorch reference in the input dtype: gather each sequence's blocks, repeat KV heads, softmax attention."""
+                     seq_lens: torch.Tensor, scale: float | None = None,
+                     sliding_window: int | None = None) -> torch.Tensor:
+    """PyTorch reference in the input dtype: gather each sequence's blocks, repeat KV heads, softmax attention
+    over its keys [max(0, seq_len - sliding_window), seq_len) (all of them without a window)."""
+    check_sliding_window(sliding_window)
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
@@ -306,9 +349,12 @@ def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q)
     for s in range(num_seqs):
         length = int(seq_lens[s])
-        ids = block_tables[s, : -(-length // block_size)].long()
-        k = k_cache[ids].reshape(-1, num_kv_heads, head_dim)[:length].repeat_interleave(group, dim=1)  # [L, H, D]
-        v = v_cache[ids].reshape(-1, num_kv_heads, head_dim)[:length].repeat_interleave(group, dim=1)
+        lo = 0 if sliding_window is None else max(0, length - sliding_window)
+        ids = block_tables[s, lo // block_size: -(-length // block_size)].long()  # the window's blocks only
+        first = lo % block_size  # position lo within the gathered blocks
+        k = k_cache[ids].reshape(-1, num_kv_heads, head_dim)[first: first + length - lo]  # [L, kv_heads, D]
+        v = v_cache[ids].reshape(-1, num_kv_heads, head_dim)[first: first + length - lo]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [L, H, D]
         logits = torch.einsum("hd,lhd->hl", q[s], k) * scale  # [H, L]
         out[s] = torch.einsum("hl,lhd->hd", torch.softmax(logits, dim=-1), v)
     return out

@@ -7,9 +7,11 @@ k_cache[block_tables[i, t // block_size], t % block_size, kv] (same for V). With
 L = context_lens[i] and kv = h // (num_q_heads // num_kv_heads), query j of chunk i sits at absolute position
 p = L - n + j and
     out[query_starts[i] + j, h] = softmax(scale * q[query_starts[i] + j, h] . K[i, :p + 1, kv]^T) @ V[i, :p + 1, kv]
-i.e. causal over its cached prefix (which may end mid-block) and the chunk up to itself. Block-table entries
-past cdiv(context_lens[i], block_size) are never read (they may be -1 or garbage). Only the chunks' rows of
-`out` are written; a freshly allocated `out` is zero elsewhere.
+i.e. causal over its cached prefix (which may end mid-block) and the chunk up to itself. With a sliding window
+of w tokens (Phi-3's `sliding_window`) the keys are K[i, max(0, p - w + 1):p + 1, kv] instead. Block-table
+entries past cdiv(context_lens[i], block_size) are never read (they may be -1 or garbage), nor those of pages
+that lie wholly before every window of a query block. Only the chunks' rows of `out` are written; a freshly
+allocated `out` is zero elsewhere.
 
 Design. Grid (query blocks, num_kv_heads, num_chunks): one program owns BLOCK_Q consecutive tokens of one chunk
 and ALL query heads of one KV head. The group's heads are packed into the M dimension of one
@@ -27,6 +29,18 @@ from the host: no device sync). head_dim need not be a power of two (Phi-3's 96 
 fp32 inputs use IEEE dots (not TF32); fp16/bf16 use tensor-core dots with P cast to the input dtype. All block
 id * stride and row * stride offsets are int64 (caches and q with > 2**31 elements work). Tile sizes, warps and
 stages: `_default_config` (sm_90 choices with their ptxas figures) and `_launch_config` (fitted to short chunks).
+
+Sliding window (the constexpr HAS_WINDOW; without it the kernel is exactly the windowless one). Row r of a query
+block sees keys (pos_r - w, pos_r]. The block's smallest lower bound, lo = max(0, first position - w + 1), sets
+where the key loop starts (lo rounded down to a tile): tiles wholly before it are never visited. Keys at or past
+the largest lower bound, hi = max(0, last position - w + 1), are inside every row's window. So the key range
+splits into tile-aligned pieces: [lo tile, cdiv(hi, BLOCK_N) tiles) with the window mask only (these keys all
+precede n_full: no causal mask), then unmasked tiles up to n_full, then the diagonal with the causal AND window
+masks (for windows shorter than a query block the window edge runs through the diagonal too). A row can meet
+tiles wholly outside its window before its first valid key (it sits late in the block and the window is short),
+so the masked tiles take their exp2 reference max as 0 while a row's running max is still -inf: nothing is
+accumulated (p = 0, alpha = 0) and no NaN arises; each row's own key comes in a later tile, so l > 0 at the end.
+A window >= the table's capacity (max_blocks * block_size) can never bind and takes the windowless kernel.
 
 Full-size shapes (head_dim 128, block_size 16, bf16/fp16; prefill chunks of up to a few thousand tokens):
     InternLM2-20B (InternVL-Chat-V1.5): q [T, 48, 128], caches [num_blocks, block_size, 8, 128]   (group 6)
@@ -68,11 +82,13 @@ def _load_tile(ptrs, row_ok, col_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.cons
 @triton.jit
 def _attend_key_tile(acc, l_i, m_i, q, pos, k_base, v_base, bt_row, start, end, qk_scale,
                      stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd, stride_btb,
-                     offs_n, offs_d, d_ok,
-                     BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr, DOT_IEEE: tl.constexpr):
+                     offs_n, offs_d, d_ok, window,
+                     BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PAD_D: tl.constexpr,
+                     DOT_IEEE: tl.constexpr):
     # acc [BLOCK_M, HEAD_DIM_PAD] fp32; l_i, m_i [BLOCK_M] fp32; q [BLOCK_M, HEAD_DIM_PAD] input dtype;
     # pos [BLOCK_M] absolute position of each row (clamped into the block for padding rows).
-    # CAUSAL=False: every key of the tile is < end and <= every row's position (no mask of any kind).
+    # CAUSAL=False: every key of the tile is < end and <= every row's position (no causal or bounds mask).
+    # WINDOW: mask keys <= pos - window (before the row's sliding window); some rows may have no key in the tile.
     key = start + offs_n  # [BLOCK_N] absolute key positions
     if CAUSAL:
         key_ok = key < end  # masked lanes never read the (possibly garbage) table tail
@@ -92,11 +108,19 @@ def _attend_key_tile(acc, l_i, m_i, q, pos, k_base, v_base, bt_row, start, end, 
     if CAUSAL:
         # pos <= the block's last position < end, so this also drops keys past the tile's valid range.
         s = tl.where(key[None, :] <= pos[:, None], s, float("-inf"))
-    # Every row meets a valid key in the first tile it processes (key 0 or n_full <= its position), so m_new is
-    # finite from then on and exp2(-inf - m_new) = 0 for masked lanes.
+    if WINDOW:
+        s = tl.where(key[None, :] > pos[:, None] - window, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max (0 on the first tile)
-    p = tl.exp2(s - m_new[:, None])
+    if WINDOW:
+        # A row may have seen no key of its window yet (m_new = -inf): take 0 as the reference so that
+        # exp2(-inf - 0) = 0 everywhere (not exp2(-inf + inf) = NaN); m_new itself stays -inf.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        # Without a window every row meets a valid key in the first tile it processes (key 0 or n_full <= its
+        # position), so m_new is finite from then on and exp2(-inf - m_new) = 0 for masked lanes.
+        m_ref = m_new
+    alpha = tl.exp2(m_i - m_ref)  # rescales what was accumulated under the old max (0 on the first valid tile)
+    p = tl.exp2(s - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     v = _load_tile(v_base + (blk * stride_vb + slot * stride_vt)[:, None] + offs_d[None, :] * stride_vd,
@@ -119,6 +143,7 @@ def _paged_prefill_kernel(
     cl_ptr,  # [num_chunks] int32: tokens with K/V after this step (prefix + chunk)
     out_ptr,  # [T, num_q_heads, head_dim], strided; only the chunks' rows are written
     qk_scale,  # scale * log2(e)
+    window,  # sliding window in tokens (read only when HAS_WINDOW)
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -132,6 +157,7 @@ def _paged_prefill_kernel(
     BLOCK_Q: tl.constexpr,  # tokens per program = BLOCK_M // GROUP
     BLOCK_N: tl.constexpr,  # keys per loop iteration (power of two >= 16)
     DOT_IEEE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     qb = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) query block of a chunk first
     kvh = tl.program_id(1).to(tl.int64)
@@ -165,16 +191,41 @@ def _paged_prefill_kernel(
     bt_row = bt_ptr + chunk * stride_btc
     end = prefix + q_hi  # keys [0, end) are all this block attends to
     n_full = (prefix + q_lo + 1) // BLOCK_N * BLOCK_N  # keys [0, n_full) precede every row's position
-    for start in range(0, n_full, BLOCK_N):
-        acc, l_i, m_i = _attend_key_tile(acc, l_i, m_i, q, pos, k_base, v_base, bt_row, start, end, qk_scale,
-                                         stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
-                                         stride_btb, offs_n, offs_d, d_ok, BLOCK_SIZE=BLOCK_SIZE, CAUSAL=False,
-                                         PAD_D=HEAD_DIM != HEAD_DIM_PAD, DOT_IEEE=DOT_IEEE)
-    for start in range(n_full, end, BLOCK_N):  # the diagonal: at most cdiv(BLOCK_Q, BLOCK_N) + 1 tiles
-        acc, l_i, m_i = _attend_key_tile(acc, l_i, m_i, q, pos, k_base, v_base, bt_row, start, end, qk_scale,
-                                         stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
-                                         stride_btb, offs_n, offs_d, d_ok, BLOCK_SIZE=BLOCK_SIZE, CAUSAL=True,
-                                         PAD_D=HEAD_DIM != HEAD_DIM_PAD, DOT_IEEE=DOT_IEEE)
+    if HAS_WINDOW:
+        # Tile-aligned: [lo_tile, edge) window-masked, [edge, n_full) unmasked, [n_full, end) the diagonal.
+        lo_tile = tl.maximum(prefix + q_lo - window + 1, 0) // BLOCK_N * BLOCK_N  # tiles before: no row's window
+        edge = (tl.maximum(prefix + q_hi - window, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N  # keys >= edge: all rows'
+        for start in range(lo_tile, tl.minimum(edge, n_full), BLOCK_N):  # the window's edge, before the diagonal
+            acc, l_i, m_i = _attend_key_tile(acc, l_i, m_i, q, pos, k_base, v_base, bt_row, start, end, qk_scale,
+                                             stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+                                             stride_btb, offs_n, offs_d, d_ok, window, BLOCK_SIZE=BLOCK_SIZE,
+                                             CAUSAL=False, WINDOW=True, PAD_D=HEAD_DIM != HEAD_DIM_PAD,
+                                             DOT_IEEE=DOT_IEEE)
+        for start in range(tl.maximum(edge, lo_tile), n_full, BLOCK_N):  # inside every row's window
+            acc, l_i, m_i = _attend_key_tile(acc, l_i, m_i, q, pos, k_base, v_base, bt_row, start, end, qk_scale,
+                                             stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+                                             stride_btb, offs_n, offs_d, d_ok, window, BLOCK_SIZE=BLOCK_SIZE,
+                                             CAUSAL=False, WINDOW=False, PAD_D=HEAD_DIM != HEAD_DIM_PAD,
+                                             DOT_IEEE=DOT_IEEE)
+        for start in range(tl.maximum(n_full, lo_tile), end, BLOCK_N):  # the diagonal (window edge may cross it)
+            acc, l_i, m_i = _attend_key_tile(acc, l_i, m_i, q, pos, k_base, v_base, bt_row, start, end, qk_scale,
+                                             stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+                                             stride_btb, offs_n, offs_d, d_ok, window, BLOCK_SIZE=BLOCK_SIZE,
+                                             CAUSAL=True, WINDOW=True, PAD_D=HEAD_DIM != HEAD_DIM_PAD,
+                                             DOT_IEEE=DOT_IEEE)
+    else:
+        for start in range(0, n_full, BLOCK_N):
+            acc, l_i, m_i = _attend_key_tile(acc, l_i, m_i, q, pos, k_base, v_base, bt_row, start, end, qk_scale,
+                                             stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+                                             stride_btb, offs_n, offs_d, d_ok, window, BLOCK_SIZE=BLOCK_SIZE,
+                                             CAUSAL=False, WINDOW=False, PAD_D=HEAD_DIM != HEAD_DIM_PAD,
+                                             DOT_IEEE=DOT_IEEE)
+        for start in range(n_full, end, BLOCK_N):  # the diagonal: at most cdiv(BLOCK_Q, BLOCK_N) + 1 tiles
+            acc, l_i, m_i = _attend_key_tile(acc, l_i, m_i, q, pos, k_base, v_base, bt_row, start, end, qk_scale,
+                                             stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+                                             stride_btb, offs_n, offs_d, d_ok, window, BLOCK_SIZE=BLOCK_SIZE,
+                                             CAUSAL=True, WINDOW=False, PAD_D=HEAD_DIM != HEAD_DIM_PAD,
+                                             DOT_IEEE=DOT_IEEE)
 
     out = acc / l_i[:, None]
     o_rows = (q_start + tok.to(tl.int64)) * stride_ot + head * stride_oh
@@ -192,7 +243,9 @@ def _default_config(head_dim_pad: int, dtype: torch.dtype, device: torch.device)
     tiles (16 KB each) plus the Q tile take ~97 KB of shared memory; BLOCK_N 64 keeps the masked diagonal, and
     the work wasted past each row's position, small. With GQA packing 128 rows are 21 tokens x 6 heads
     (InternLM2-20B), 64 x 2 (Mini-2B) or 128 x 1 (Phi-3). ptxas (Triton 3.9, sm_90a, from
-    tests/kernels/test_compile_sm90.py): 206 / 190 / 185 registers, no spills, 98816 B shared. head_dim <= 64
+    tests/kernels/test_compile_sm90.py): 206 / 184 / 185 registers, no spills, 98816 B shared; with a sliding
+    window (a third, window-edge key loop) 228 for InternLM2-20B and 208 for Phi-3, no spills, still one 8-warp
+    block per SM (shared memory allows two, registers do not, as without a window). head_dim <= 64
     keeps the same point (128 registers; on 4 warps ptxas needs 250 of 255, too close to the cap to rely on
     across Triton versions).
     head_dim 256: 64 x 32 tiles, 8 warps, 2 stages (200 registers, no spills).
@@ -224,7 +277,10 @@ def _launch_config(head_dim_pad: int, group: int, max_query_len: int, dtype: tor
 
 
 def _check_inputs(q, k_cache, v_cache, block_tables, query_starts, query_lens, context_lens, max_query_len, out,
-                  validate):
+                  validate, sliding_window=None):
+    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, Integral)
+                                       or sliding_window < 1):
+        raise ValueError(f"sliding_window must be None or an int >= 1; got {sliding_window!r}")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
                     ("query_starts", query_starts), ("query_lens", query_lens), ("context_lens", context_lens)):
         if not isinstance(t, torch.Tensor):
@@ -295,7 +351,7 @@ def _check_inputs(q, k_cache, v_cache, block_tables, query_starts, query_lens, c
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                   query_starts: torch.Tensor, query_lens: torch.Tensor, context_lens: torch.Tensor,
                   max_query_len: int, scale: float | None = None, out: torch.Tensor | None = None,
-                  validate: bool = True) -> torch.Tensor:
+                  validate: bool = True, sliding_window: int | None = None) -> torch.Tensor:
     """Causal prefill attention of several chunks over a paged KV cache -> [T, num_q_heads, head_dim].
 
     q [T, num_q_heads, head_dim] (any strides, e.g. the engine's transposed view of [heads, T, head_dim]);
@@ -306,17 +362,19 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     and returned; None allocates a contiguous zero-filled tensor (rows outside every chunk stay 0).
     validate=False skips the data-dependent range checks, the only ones that read tensor data (a host sync on
     GPU); then a max_query_len below the longest chunk leaves that chunk's last rows unwritten.
+    sliding_window: None (causal over the whole context) or an int w >= 1: the query at position p attends to
+    keys max(0, p - w + 1) ... p only.
     Chunks must not overlap in q's rows. See the module docstring for the exact semantics.
     """
     return _paged_prefill(q, k_cache, v_cache, block_tables, query_starts, query_lens, context_lens, max_query_len,
-                          scale, out, validate, None)
+                          scale, out, validate, None, sliding_window)
 
 
 def _paged_prefill(q, k_cache, v_cache, block_tables, query_starts, query_lens, context_lens, max_query_len,
-                   scale, out, validate, config):
+                   scale, out, validate, config, sliding_window=None):
     """paged_prefill with an optional (BLOCK_M, BLOCK_N, num_warps, num_stages) override (tests, tuning)."""
     _check_inputs(q, k_cache, v_cache, block_tables, query_starts, query_lens, context_lens, max_query_len, out,
-                  validate)
+                  validate, sliding_window)
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
@@ -328,6 +386,9 @@ def _paged_prefill(q, k_cache, v_cache, block_tables, query_starts, query_lens, 
     if num_kv_heads > _MAX_GRID_YZ:
         raise ValueError(f"at most {_MAX_GRID_YZ} KV heads supported; got {num_kv_heads}")
     scale = head_dim ** -0.5 if scale is None else float(scale)
+    if sliding_window is not None and sliding_window >= block_tables.shape[1] * block_size:
+        sliding_window = None  # longer than any context the table can hold: never binds
+    has_window = sliding_window is not None
 
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     if config is None:
@@ -345,11 +406,11 @@ def _paged_prefill(q, k_cache, v_cache, block_tables, query_starts, query_lens, 
         tables = block_tables[c0:c1]
         _paged_prefill_kernel[(grid_x, num_kv_heads, c1 - c0)](
             q, k_cache, v_cache, tables, query_starts[c0:c1], query_lens[c0:c1], context_lens[c0:c1], out,
-            scale * math.log2(math.e),
+            scale * math.log2(math.e), sliding_window if has_window else 0,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), *tables.stride(), *out.stride(),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, BLOCK_SIZE=block_size,
             BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, DOT_IEEE=q.dtype == torch.float32,
-            num_warps=num_warps, num_stages=num_stages,
+            HAS_WINDOW=has_window, num_warps=num_warps, num_stages=num_stages,
         )
     return out
 
@@ -357,7 +418,7 @@ def _paged_prefill(q, k_cache, v_cache, block_tables, query_starts, query_lens, 
 def paged_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       query_starts: torch.Tensor, query_lens: torch.Tensor, context_lens: torch.Tensor,
                       scale: float | None = None, out: torch.Tensor | None = None,
-                      max_score_elements: int = 1 << 24) -> torch.Tensor:
+                      max_score_elements: int = 1 << 24, sliding_window: int | None = None) -> torch.Tensor:
     """PyTorch reference (the engine's CPU path), in the input dtype, memory-bounded; same semantics and `out`
     contract as `paged_prefill` (no max_query_len: it reads the lengths on the host).
 
@@ -370,8 +431,11 @@ def paged_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     Why SDPA + mask rather than a blocked online softmax over keys: the fused SDPA kernels already block over
     keys in C++, so a Python loop over key tiles would only add launches; the row blocking bounds the memory
     of the unfused fallback, and each call is an ordinary softmax(QK^T)V in the input dtype.
+    With a sliding window w each block of rows takes only the keys from its first row's window start,
+    max(0, first position - w + 1), and the mask also drops keys <= position - w.
     """
-    _check_inputs(q, k_cache, v_cache, block_tables, query_starts, query_lens, context_lens, None, out, True)
+    _check_inputs(q, k_cache, v_cache, block_tables, query_starts, query_lens, context_lens, None, out, True,
+                  sliding_window)
     if max_score_elements < 1:
         raise ValueError(f"max_score_elements must be >= 1; got {max_score_elements}")
     num_tokens, num_q_heads, head_dim = q.shape
@@ -391,14 +455,18 @@ def paged_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         for j0 in range(0, count, rows):
             j1 = min(count, j0 + rows)
             m = j1 - j0
-            last = prefix + j1  # keys [0, last) cover every query of the block
+            last = prefix + j1  # keys [first, last) cover every query of the block
+            first = 0 if sliding_window is None else max(0, prefix + j0 - sliding_window + 1)
             query = q[start + j0: start + j1].reshape(m, num_kv_heads, group, head_dim)
             query = query.permute(1, 2, 0, 3).reshape(1, num_kv_heads, group * m, head_dim)  # rows (head, token)
             pos = torch.arange(prefix + j0, prefix + j1, device=q.device)
-            mask = torch.arange(last, device=q.device)[None, :] <= pos[:, None]  # [m, last]
-            mask = mask.repeat(group, 1)[None, None]  # [1, 1, group * m, last]
-            o = F.scaled_dot_product_attention(query, keys[:, :, :last], values[:, :, :last], attn_mask=mask,
-                                               scale=scale)  # [1, kv_heads, group * m, d]
+            key_pos = torch.arange(first, last, device=q.device)
+            mask = key_pos[None, :] <= pos[:, None]  # [m, last - first]
+            if sliding_window is not None:
+                mask &= key_pos[None, :] > pos[:, None] - sliding_window
+            mask = mask.repeat(group, 1)[None, None]  # [1, 1, group * m, last - first]
+            o = F.scaled_dot_product_attention(query, keys[:, :, first:last], values[:, :, first:last],
+                                               attn_mask=mask, scale=scale)  # [1, kv_heads, group * m, d]
             out[start + j0: start + j1] = o.reshape(num_kv_heads, group, m, head_dim).permute(2, 0, 1, 3) \
                 .reshape(m, num_q_heads, head_dim)
     return out

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-MODELS = ("InternVL-Chat-V1-5-tiny", "Mini-InternVL-Chat-2B-V1-5-tiny")
+MODELS = ("InternVL-Chat-V1-5-tiny", "Mini-InternVL-Chat-2B-V1-5-tiny", "Mini-InternVL-Chat-4B-V1-5-tiny")
 
 
 def goldens_dir() -> Path:

@@ -22,6 +22,14 @@ def test_demo_builds_a_tiny_checkpoint_and_chats(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "demo-internvl-chat-v1-5-seed0" / "config.json").is_file()
 
 
+def test_demo_runs_the_phi3_preset(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("INTERNVL_ENGINE_CACHE", str(tmp_path))
+    assert main(["demo", "--preset", "mini-internvl-chat-4b-v1-5", "--max-new-tokens", "4", "--max-tiles", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out and "response:" in out
+    assert (tmp_path / "demo-mini-internvl-chat-4b-v1-5-seed0" / "config.json").is_file()
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_chat_command_matches_the_official_response(name, capsys):
     spec = golden_json(name)["chat"]["image_one_tile"]

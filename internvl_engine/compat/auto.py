@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..models.loader import load_model
-from ..text.tokenizer import InternLM2Tokenizer
+from ..text.llama_tokenizer import Tokenizer, load_tokenizer
 from .chat_model import InternVLChat
 
 
@@ -37,5 +37,5 @@ class AutoTokenizer:
     """`AutoTokenizer.from_pretrained(path, trust_remote_code=True, use_fast=False)`."""
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **ignored: Any) -> InternLM2Tokenizer:
-        return InternLM2Tokenizer.from_pretrained(path)
+    def from_pretrained(cls, path: str | Path, **ignored: Any) -> Tokenizer:
+        return load_tokenizer(path)

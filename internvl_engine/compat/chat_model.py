@@ -28,7 +28,7 @@ from ..engine.llm import LLM
 from ..models.internvl_chat import InternVLChatModel
 from ..text.templates import (IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, get_template, prepare_batch_queries,
                               prepare_chat_query)
-from ..text.tokenizer import InternLM2Tokenizer
+from ..text.llama_tokenizer import Tokenizer, load_tokenizer
 from ..worker.attention import MaskedAttention
 from .generation_config import GenerationConfig
 from .rows import GenerateOutput, images_per_row, left_padding, run_rows, transformers_output
@@ -60,7 +60,8 @@ class InternVLChat(InternVLChatModel):
     def max_context_length(self) -> int:
         """Longest sequence served: max_position_embeddings, times the rope scaling factor when scaled.
 
-        Assign `model.max_context_length = n` to serve less (for example to bound memory)."""
+        Assign `model.max_context_length = n` to serve less (for example to bound memory), or more: the official
+        code has no limit of its own (a tiny test checkpoint may be configured below its longest prompt)."""
         if self.max_context_override is not None:
             return self.max_context_override
         return self.config.llm.max_context_length
@@ -71,13 +72,13 @@ class InternVLChat(InternVLChatModel):
             raise ValueError(f"max_context_length must be >= 2, got {value}")
         self.max_context_override = int(value)
 
-    def engine(self, tokenizer: InternLM2Tokenizer, num_tokens: Sequence[int] = ()) -> LLM:
+    def engine(self, tokenizer: Tokenizer, num_tokens: Sequence[int] = ()) -> LLM:
         """The engine the model-card calls run on, (re)built when the model moved or `num_tokens` (tokens per
         row of the coming call) need more KV blocks than it has."""
         options = dict(self.engine_options)
         block_size = options.setdefault("block_size", _BLOCK_SIZE)
         blocks = sum(-(-n // block_size) for n in num_tokens)
-        key = (self.device, self.dtype, self.resolved_backend(), tuple(sorted(options.items())))
+        key = (self.device, self.dtype, self.resolved_backend(), self.max_context_length, tuple(sorted(options.items())))
         llm = self._llm
         if llm is None or self._llm_key != key or llm.block_manager.num_blocks < blocks:
             if "kv_cache_bytes" not in options:
@@ -85,7 +86,7 @@ class InternVLChat(InternVLChatModel):
                 wanted = max(blocks, 2 * held, _MIN_BLOCKS) + 1  # + the static decode's scratch block
                 options["kv_cache_bytes"] = wanted * LLM.kv_cache_bytes_per_block(self, block_size)
             options = {"max_num_seqs": 256, "max_waiting": 1 << 30,
-                       "max_model_len": self.config.llm.max_context_length, **options}
+                       "max_model_len": self.max_context_length, **options}
             self._llm = None  # free the old cache before allocating the new one
             self._llm = llm = LLM.from_model(self, tokenizer, **options)
             self._llm_key = key
@@ -106,7 +107,7 @@ class InternVLChat(InternVLChatModel):
     def generate(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, visual_features: torch.Tensor | None = None,
                  generation_config: Mapping[str, Any] | GenerationConfig | None = None,
-                 num_patches_list: Sequence[int] | None = None, tokenizer: InternLM2Tokenizer | None = None,
+                 num_patches_list: Sequence[int] | None = None, tokenizer: Tokenizer | None = None,
                  **generate_kwargs: Any) -> torch.Tensor | GenerateOutput:
         """The official `generate`: input_ids [batch, seq] (left padded), the tiles of every image in order ->
         generated ids [batch, new] (stop token included, then pad_token_id), as transformers returns them.
@@ -151,16 +152,16 @@ class InternVLChat(InternVLChatModel):
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else self.config.llm.pad_token_id
         return transformers_output(outputs, pad_id, self.device, as_dict)
 
-    def _llm_tokenizer(self) -> InternLM2Tokenizer:
+    def _llm_tokenizer(self) -> Tokenizer:
         """The engine's tokenizer (only its text outputs use it): the one already in use, else the checkpoint's."""
         if self._llm is not None:
             return self._llm.tokenizer
         if self.name_or_path is None:
             raise ValueError("generate needs tokenizer=... (this model was not loaded from a checkpoint folder)")
-        return InternLM2Tokenizer.from_pretrained(self.name_or_path)
+        return load_tokenizer(self.name_or_path)
 
     # ---- the model card's calls ----
-    def chat(self, tokenizer: InternLM2Tokenizer, pixel_values: torch.Tensor | None, question: str,
+    def chat(self, tokenizer: Tokenizer, pixel_values: torch.Tensor | None, question: str,
              generation_config: Mapping[str, Any] | GenerationConfig | None, history: list | None = None,
              return_history: bool = False, num_patches_list: Sequence[int] | None = None,
              IMG_START_TOKEN: str = IMG_START_TOKEN, IMG_END_TOKEN: str = IMG_END_TOKEN,
@@ -182,7 +183,7 @@ class InternVLChat(InternVLChatModel):
         history.append((question, response))
         return (response, history) if return_history else response
 
-    def batch_chat(self, tokenizer: InternLM2Tokenizer, pixel_values: torch.Tensor | None,
+    def batch_chat(self, tokenizer: Tokenizer, pixel_values: torch.Tensor | None,
                    questions: Sequence[str], generation_config: Mapping[str, Any] | GenerationConfig | None,
                    num_patches_list: Sequence[int] | None = None, history: list | None = None,
                    return_history: bool = False, IMG_START_TOKEN: str = IMG_START_TOKEN,
@@ -219,7 +220,7 @@ class InternVLChat(InternVLChatModel):
     def _system_message(self, template) -> str:
         return self.system_message if self.system_message is not None else template.system_message
 
-    def _respond(self, tokenizer: InternLM2Tokenizer, inputs: Mapping[str, torch.Tensor],
+    def _respond(self, tokenizer: Tokenizer, inputs: Mapping[str, torch.Tensor],
                  pixel_values: torch.Tensor | None, num_patches_list: Sequence[int],
                  generation_config: Mapping[str, Any] | GenerationConfig | None, stop_token: str) -> list[str]:
         """As the official code: generate with the template separator as eos, decode, cut at it, strip."""
@@ -256,7 +257,8 @@ class InternVLChat(InternVLChatModel):
         if position_ids is None:
             position_ids = torch.arange(seq, device=self.device).expand(batch, seq)
         result = self.language_model(embeds, position_ids.to(self.device),
-                                     MaskedAttention(attention_mask.to(self.device)), [seq] * batch,
+                                     MaskedAttention(attention_mask.to(self.device),
+                                                     sliding_window=self.config.llm.sliding_window), [seq] * batch,
                                      output_hidden_states=output_hidden_states)
         hidden, states = result if output_hidden_states else (result, None)
         return CausalLMOutput(logits=self.language_model.logits(hidden), hidden_states=states)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..text.tokenizer import InternLM2Tokenizer
+from ..text.llama_tokenizer import Tokenizer
 
 _REPLACEMENT = "\ufffd"
 
@@ -22,7 +22,7 @@ _REPLACEMENT = "\ufffd"
 class IncrementalDetokenizer:
     """`update(token_ids)` with a request's whole output ids (growing) -> the text added by the new ones."""
 
-    def __init__(self, tokenizer: InternLM2Tokenizer, context_tokens: int = 4) -> None:
+    def __init__(self, tokenizer: Tokenizer, context_tokens: int = 4) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
         self.context_tokens = context_tokens

@@ -31,7 +31,7 @@ from ..preprocessing.image_io import ImageLimits, ImageLoadError, ImageTooLargeE
 from ..preprocessing.tiling import check_tiling_args, plan_tiles
 from ..text.templates import (IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, build_prompt, expand_image_placeholders,
                               prepare_chat_query)
-from ..text.tokenizer import InternLM2Tokenizer
+from ..text.llama_tokenizer import Tokenizer
 from .errors import InputLimitError
 from .request import ImageSpan
 
@@ -229,7 +229,7 @@ def _text_chars(request: Mapping[str, Any]) -> int:
     return total
 
 
-def process_request(request: Mapping[str, Any] | str, tokenizer: InternLM2Tokenizer, config: InternVLConfig,
+def process_request(request: Mapping[str, Any] | str, tokenizer: Tokenizer, config: InternVLConfig,
                     template: str, system_message: str, limits: InputLimits = InputLimits(),
                     check_length: Callable[[int], None] | None = None,
                     deadline: float | None = None) -> ProcessedInput:

@@ -24,7 +24,7 @@ from ..models.internvl_chat import InternVLChatModel
 from ..models.loader import load_model, resolve_dtype
 from ..preprocessing.image_io import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLimits
 from ..text.templates import IMG_CONTEXT_TOKEN, get_template
-from ..text.tokenizer import InternLM2Tokenizer
+from ..text.llama_tokenizer import Tokenizer, load_tokenizer
 from ..worker.model_runner import ModelRunner
 from ..worker.sampler import RowSampling, sample_batch
 from .batch_builder import build_batch
@@ -73,7 +73,7 @@ class LLM:
 
     def __init__(self, model_path: str | Path | None, dtype: torch.dtype | str | None = None,
                  device: torch.device | str | None = None, preset: str | None = None, seed: int = 0,
-                 tokenizer: str | Path | InternLM2Tokenizer | None = None, **options: Any) -> None:
+                 tokenizer: str | Path | Tokenizer | None = None, **options: Any) -> None:
         """model_path: an official checkpoint folder; or None with `preset` for the real shapes with random weights
         built on the device (benchmarks), and `tokenizer`, a folder with the tokenizer files to use with them."""
         config = EngineConfig(**options)
@@ -93,18 +93,18 @@ class LLM:
         else:
             model = load_model(model_path, dtype=target, device=device)
             tokenizer = tokenizer if tokenizer is not None else model_path
-        if not isinstance(tokenizer, InternLM2Tokenizer):
-            tokenizer = InternLM2Tokenizer.from_pretrained(tokenizer)
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = load_tokenizer(tokenizer)  # InternLM2's or the Llama-style one (Phi-3), as the files say
         self._setup(model, tokenizer, config)
 
     @classmethod
-    def from_model(cls, model: InternVLChatModel, tokenizer: InternLM2Tokenizer, **options: Any) -> "LLM":
+    def from_model(cls, model: InternVLChatModel, tokenizer: Tokenizer, **options: Any) -> "LLM":
         """An engine over a model already loaded (and placed on its device); its backend is the model's."""
         llm = cls.__new__(cls)
         llm._setup(model, tokenizer, EngineConfig(**{"backend": model.backend, **options}))
         return llm
 
-    def _setup(self, model: InternVLChatModel, tokenizer: InternLM2Tokenizer, config: EngineConfig) -> None:
+    def _setup(self, model: InternVLChatModel, tokenizer: Tokenizer, config: EngineConfig) -> None:
         self.config = config
         self.input_limits = InputLimits(
             ImageLimits(config.max_image_pixels, config.max_image_side, config.max_image_aspect_ratio),
@@ -206,12 +206,12 @@ class LLM:
         return PreparedRequest(scheduled, state)
 
     def _cache_salt(self, request: Request) -> str | None:
-        """Prompt keys are rotated with the base of the (padded) prompt length: past max_position_embeddings
-        (dynamic NTK) that base differs by length, so such a prompt shares cached blocks only with prompts of
-        the same length. Output keys follow from their positions, so preemption still reuses a request's own."""
-        rotary = self.model.language_model.rotary
-        length = request.rope_length(0)
-        return None if rotary.base_for_length(length) == rotary.theta else f"rope-length:{length}"
+        """Prompt keys are rotated as the official prefill of the (padded) prompt length rotates them: past
+        max_position_embeddings (InternLM2's dynamic NTK) or original_max_position_embeddings (Phi-3's su) that
+        differs by length, so such a prompt shares cached blocks only with prompts rotated the same way. Output
+        keys follow from their positions, so preemption still reuses a request's own."""
+        variant = self.model.language_model.rotary.variant(request.rope_length(0))
+        return None if variant is None else f"rope:{variant}"
 
     def submit(self, prepared: PreparedRequest) -> str:
         """Queue a prepared request (the engine's thread); raises ValueError or QueueFullError."""

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from ..text.tokenizer import InternLM2Tokenizer
+from ..text.llama_tokenizer import Tokenizer
 from .detokenizer import find_stop, truncate_at_stop
 from .outputs import RequestOutput
 from .request import FinishReason, Request
@@ -33,7 +33,7 @@ def partial_output(request: Request, state: RequestState) -> RequestOutput:
                          num_image_tiles=request.num_image_tiles)
 
 
-def final_output(request: Request, state: RequestState, tokenizer: InternLM2Tokenizer,
+def final_output(request: Request, state: RequestState, tokenizer: Tokenizer,
                  stop_token: str) -> RequestOutput:
     metrics = state.metrics
     metrics.finished_time = time.perf_counter()

@@ -6,17 +6,12 @@ simple `chat` loop and a continuous-batching engine. Parameter names equal the o
 """
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 from torch import nn
 
 from ..config import LLMConfig
+from .causal_lm import CausalLM, KVCacheLike
 from .layers import RMSNorm, RotaryEmbedding, activation, apply_rotary
-
-
-class KVCacheLike(Protocol):
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 
 class Attention(nn.Module):
@@ -78,7 +73,7 @@ class InternLM2Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class InternLM2ForCausalLM(nn.Module):
+class InternLM2ForCausalLM(CausalLM):
     def __init__(self, cfg: LLMConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -86,29 +81,13 @@ class InternLM2ForCausalLM(nn.Module):
         self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling)
 
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.norm
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.tok_embeddings(input_ids)
-
-    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, cache: KVCacheLike,
-                rope_lengths: list[int], output_hidden_states: bool = False
-                ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """inputs_embeds [batch, seq, H], positions [batch, seq] -> final-norm hidden [batch, seq, H].
-
-        `rope_lengths[b]` is row b's KV length after this forward (it picks the dynamic-NTK base).
-        With `output_hidden_states`, also the embeddings and each layer's output (official order).
-        """
-        cos, sin = self.rotary.cos_sin(positions, rope_lengths, inputs_embeds.dtype)
-        hidden = inputs_embeds
-        states = [hidden]
-        for layer in self.model.layers:
-            hidden = layer(hidden, cos, sin, cache)
-            states.append(hidden)
-        hidden = self.model.norm(hidden)
-        if output_hidden_states:
-            states[-1] = hidden  # official: the last entry is the final norm's output
-            return hidden, states
-        return hidden
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., H] -> float32 logits [..., vocab]; callers pass only the positions they sample."""
-        return self.output(hidden).float()

@@ -1,4 +1,4 @@
-"""InternVLChatModel: InternViT -> pixel shuffle -> mlp1 -> InternLM2, wired like the official model.
+"""InternVLChatModel: InternViT -> pixel shuffle -> mlp1 -> InternLM2 or Phi-3, wired like the official model.
 
 The module only wires layers. Generation is the engine's (`engine/`, over `worker/`); the model-card API
 (`chat`, `batch_chat`, `generate`, `forward`) is a subclass in `compat/` that submits requests to the engine.
@@ -13,6 +13,7 @@ from torch import nn
 from ..config import InternVLConfig
 from .intern_vit import InternVisionModel
 from .internlm2 import InternLM2ForCausalLM
+from .phi3 import Phi3ForCausalLM
 from .projector import Projector, drop_cls_and_shuffle
 
 
@@ -31,7 +32,8 @@ class InternVLChatModel(nn.Module):
         self.vision_model = InternVisionModel(config.vision)
         vit_out = config.vision.hidden_size * config.shuffle_factor ** 2
         self.mlp1 = Projector(vit_out, config.llm.hidden_size)
-        self.language_model = InternLM2ForCausalLM(config.llm)
+        llm_class = Phi3ForCausalLM if config.llm.architecture == "Phi3ForCausalLM" else InternLM2ForCausalLM
+        self.language_model = llm_class(config.llm)
         self.num_image_token = config.num_image_token
         self.template = config.template
         self.system_message: str | None = config.system_message

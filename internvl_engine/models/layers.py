@@ -69,6 +69,15 @@ class RotaryEmbedding(nn.Module):
         exponent = torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim
         return 1.0 / (base ** exponent)
 
+    # The dynamic-NTK base is picked on the host from the lengths: a static decode step takes unscaled rows only.
+    static_rope_lengths = False
+
+    def variant(self, seq_len: int) -> str | None:
+        """Which rotation a forward over `seq_len` tokens uses: None for the base theta, else a key naming it
+        (keys rotated differently must not share prefix-cache blocks, nor static decode graphs)."""
+        base = self.base_for_length(seq_len)
+        return None if base == self.theta else f"ntk-base:{base!r}"
+
     def base_for_length(self, seq_len: int) -> float:
         if self.scaling is None or self.scaling.type != "dynamic" or seq_len <= self.max_position_embeddings:
             return self.theta

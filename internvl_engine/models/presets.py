@@ -37,7 +37,24 @@ _MINI_2B = {
     "force_image_size": 448,
 }
 
-PRESETS = {"internvl-chat-v1-5": _V15, "mini-internvl-chat-2b-v1-5": _MINI_2B}
+# Phi-3-mini-128k's sizes; the 48 su factor lists here are stand-ins with the real lists' shape (short near 1,
+# long growing to ~48), not Microsoft's values: for random-weight benchmarks only the shapes matter.
+_MINI_4B = {
+    "vision_config": _MINI_2B["vision_config"],
+    "llm_config": {"architectures": ["Phi3ForCausalLM"], "vocab_size": 32020, "hidden_size": 3072,
+                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                   "intermediate_size": 8192, "max_position_embeddings": 131072,
+                   "original_max_position_embeddings": 4096, "rope_theta": 10000.0,
+                   "rope_scaling": {"type": "su", "short_factor": [1.0 + 0.01 * i for i in range(48)],
+                                    "long_factor": [1.0 + 47.0 * (i / 47) ** 2 for i in range(48)]},
+                   "rms_norm_eps": 1e-5, "hidden_act": "silu", "sliding_window": 262144, "bos_token_id": 1,
+                   "eos_token_id": 32000, "pad_token_id": 32000},
+    "select_layer": -1, "ps_version": "v2", "template": "phi3-chat", "downsample_ratio": 0.5,
+    "dynamic_image_size": True, "use_thumbnail": True, "max_dynamic_patch": 12, "min_dynamic_patch": 1,
+    "force_image_size": 448,
+}
+
+PRESETS = {"internvl-chat-v1-5": _V15, "mini-internvl-chat-2b-v1-5": _MINI_2B, "mini-internvl-chat-4b-v1-5": _MINI_4B}
 
 
 def preset_config(name: str) -> InternVLConfig:

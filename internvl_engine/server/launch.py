@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..config import MODEL_PRESETS
 from ..preprocessing.image_io import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 
 
@@ -14,9 +15,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model (one of)")
     model.add_argument("--model", default=None, help="official checkpoint folder (config.json, *.safetensors, ...)")
     model.add_argument("--tiny", nargs="?", const="internvl-chat-v1-5", default=None,
-                       choices=["internvl-chat-v1-5", "mini-internvl-chat-2b-v1-5"],
+                       choices=MODEL_PRESETS,
                        help="serve a tiny generated checkpoint with random weights (tests, CPU demos)")
-    model.add_argument("--preset", default=None, choices=["internvl-chat-v1-5", "mini-internvl-chat-2b-v1-5"],
+    model.add_argument("--preset", default=None, choices=MODEL_PRESETS,
                        help="with --random-weights: the real shapes, random weights (benchmarks)")
     model.add_argument("--random-weights", action="store_true")
     model.add_argument("--tokenizer", default=None,
@@ -120,7 +121,7 @@ def build_engine(args: argparse.Namespace):
     else:
         from ..testing.checkpoint_builder import ensure_tiny_tokenizer
 
-        tokenizer = args.tokenizer or ensure_tiny_tokenizer()
+        tokenizer = args.tokenizer or ensure_tiny_tokenizer(preset=args.preset)
         llm = LLM(None, dtype=args.dtype, device=args.device, preset=args.preset, seed=args.seed,
                   tokenizer=tokenizer, **options)
         name = f"{args.preset}-random"

@@ -2,9 +2,11 @@
 
 No checkpoint can be downloaded where the demo and the tests run, so one is generated: `config.json` with the
 official field names, sharded bf16 safetensors with the official tensor names and shapes (plus the shard
-index), and an InternLM2-style tokenizer (see `tiny_tokenizer`). Only the sizes are tiny, so every code path
-that reads a real checkpoint folder (sharding, GQA `wqkv` packing, RMSNorm vs LayerNorm ViT, q/k norm, qkv
-bias, pixel-shuffle version, added tokens) is exercised by the same files.
+index), and an InternLM2-style tokenizer (see `tiny_tokenizer`), or for the Phi-3 based Mini-4B a Llama-2 style
+one with Phi-3's added tokens (see `tiny_phi3_tokenizer`). Only the sizes are tiny, so every code path that reads
+a real checkpoint folder (sharding, GQA `wqkv` packing, Phi-3's fused `qkv_proj` / `gate_up_proj` and `su`
+rotary, RMSNorm vs LayerNorm ViT, q/k norm, qkv bias, pixel-shuffle version, added tokens) is exercised by the
+same files.
 This module draws the weights, shards them and writes and caches the folder; the presets and config.json itself
 come from `tiny_config`, whose names are re-exported here.
 """
@@ -23,12 +25,14 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import save_file
 
-from .tiny_config import PRESETS, REMOVE, LLMSize, Preset, VisionSize, make_config
+from .tiny_config import PRESETS, REMOVE, LLMSize, Phi3Size, Preset, VisionSize, make_config
+from .tiny_phi3_tokenizer import PHI3_TOKENS, write_phi3_tokenizer
 from .tiny_tokenizer import write_tokenizer
 
 __all__ = [
-    "BUILDER_VERSION", "LLMSize", "MARKER", "PRESETS", "Preset", "REMOVE", "TensorSpec", "VisionSize",
-    "build_tiny_checkpoint", "default_demo_checkpoint_dir", "ensure_tiny_checkpoint", "make_config", "tensor_specs",
+    "BUILDER_VERSION", "END_ROW_SCALE", "LLMSize", "MARKER", "PRESETS", "Phi3Size", "Preset", "REMOVE", "TensorSpec",
+    "VisionSize", "build_tiny_checkpoint", "default_demo_checkpoint_dir", "ensure_tiny_checkpoint",
+    "ensure_tiny_tokenizer", "make_config", "tensor_specs", "write_preset_tokenizer",
 ]
 
 # Bumped whenever the builder's output changes, so cached demo checkpoints from an older builder are rebuilt.
@@ -40,12 +44,14 @@ _OWNED_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tok
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One tensor of the state dict and how to draw it: normal(mean, std), or uniform[low, high] if `uniform`."""
+    """One tensor of the state dict and how to draw it: normal(mean, std), or uniform[low, high] if `uniform`;
+    then each (row, factor) of `row_scales` multiplies that row of the drawn values."""
     name: str
     shape: tuple[int, ...]
     mean: float = 0.0
     std: float = 0.0
     uniform: tuple[float, float] | None = None
+    row_scales: tuple[tuple[int, float], ...] = ()
 
 
 def _linear(name: str, out_features: int, in_features: int, bias: bool) -> list[TensorSpec]:
@@ -91,9 +97,24 @@ def tensor_specs(config: Mapping[str, Any]) -> list[TensorSpec]:
         # Layer scale in [0.25, 0.75]: small enough to keep the residual stream bounded over the layers.
         specs += [TensorSpec(f"{p}.{ls}", (c,), uniform=(0.25, 0.75)) for ls in ("ls1", "ls2")]
 
+    if (lc.get("architectures") or ["InternLM2ForCausalLM"])[0] == "Phi3ForCausalLM":
+        specs += _phi3_specs(lc)
+    else:
+        specs += _internlm2_specs(lc)
+
+    projector_in = int(c * round(1 / config["downsample_ratio"]) ** 2)
+    specs += _norm("mlp1.0", projector_in, bias=True)
+    specs += _linear("mlp1.1", lc["hidden_size"], projector_in, bias=True)
+    specs += _linear("mlp1.3", lc["hidden_size"], lc["hidden_size"], bias=True)
+    return specs
+
+
+def _internlm2_specs(lc: Mapping[str, Any]) -> list[TensorSpec]:
+    """InternLM2ForCausalLM under `language_model.`: packed `wqkv`, w1/w2/w3 MLP, `output` head."""
     hidden, vocab, bias = lc["hidden_size"], lc["vocab_size"], lc.get("bias", False)
     heads, kv_heads = lc["num_attention_heads"], lc["num_key_value_heads"]
     head_dim = hidden // heads
+    specs = []
     specs.append(TensorSpec("language_model.model.tok_embeddings.weight", (vocab, hidden), std=1.0))
     for i in range(lc["num_hidden_layers"]):
         p = f"language_model.model.layers.{i}"
@@ -106,10 +127,36 @@ def tensor_specs(config: Mapping[str, Any]) -> list[TensorSpec]:
     specs += _norm("language_model.model.norm", hidden, bias=False)
     # A wider output head than 1/sqrt(H) gives logits a spread of a few units, so greedy text varies.
     specs.append(TensorSpec("language_model.output.weight", (vocab, hidden), std=2.5 / math.sqrt(hidden)))
+    return specs
 
-    projector_in = int(c * round(1 / config["downsample_ratio"]) ** 2)
-    specs += _norm("mlp1.0", projector_in, bias=True)
-    specs += _linear("mlp1.1", hidden, projector_in, bias=True) + _linear("mlp1.3", hidden, hidden, bias=True)
+
+# The `<|end|>` row of Phi-3's output head is scaled by this, so that random-weight answers end (chat() stops at
+# `<|end|>` only) after a few to a few dozen tokens instead of always running to max_new_tokens.
+END_ROW_SCALE = 3.0
+
+
+def _phi3_specs(lc: Mapping[str, Any]) -> list[TensorSpec]:
+    """Phi3ForCausalLM under `language_model.`, in the official module order (attention `o_proj` before
+    `qkv_proj`, the norms after the MLP): fused `qkv_proj` (all q heads, then k, then v) and `gate_up_proj`
+    (gate rows, then up rows), no biases, untied `lm_head`."""
+    hidden, vocab, inter = lc["hidden_size"], lc["vocab_size"], lc["intermediate_size"]
+    heads, kv_heads = lc["num_attention_heads"], lc["num_key_value_heads"]
+    head_dim = hidden // heads
+    specs = [TensorSpec("language_model.model.embed_tokens.weight", (vocab, hidden), std=1.0)]
+    for i in range(lc["num_hidden_layers"]):
+        p = f"language_model.model.layers.{i}"
+        specs += _linear(f"{p}.self_attn.o_proj", hidden, heads * head_dim, bias=False)
+        specs += _linear(f"{p}.self_attn.qkv_proj", (heads + 2 * kv_heads) * head_dim, hidden, bias=False)
+        specs += _linear(f"{p}.mlp.gate_up_proj", 2 * inter, hidden, bias=False)
+        specs += _linear(f"{p}.mlp.down_proj", hidden, inter, bias=False)
+        specs += _norm(f"{p}.input_layernorm", hidden, bias=False)
+        specs += _norm(f"{p}.post_attention_layernorm", hidden, bias=False)
+    specs += _norm("language_model.model.norm", hidden, bias=False)
+    # `<|end|>` is the 8th added token, counted from `<|endoftext|>` (eos) right after the sentencepiece vocab.
+    end = lc["eos_token_id"] + PHI3_TOKENS.index("<|end|>") - PHI3_TOKENS.index("<|endoftext|>")
+    scales = ((end, END_ROW_SCALE),) if 0 <= end < vocab else ()
+    specs.append(TensorSpec("language_model.lm_head.weight", (vocab, hidden), std=2.5 / math.sqrt(hidden),
+                            row_scales=scales))
     return specs
 
 
@@ -122,6 +169,8 @@ def _draw(spec: TensorSpec, seed: int, dtype: torch.dtype) -> torch.Tensor:
         values = torch.rand(spec.shape, generator=gen) * (high - low) + low
     else:
         values = torch.randn(spec.shape, generator=gen) * spec.std + spec.mean
+    for row, factor in spec.row_scales:
+        values[row] *= factor
     return values.to(dtype).contiguous()
 
 
@@ -163,7 +212,7 @@ def build_tiny_checkpoint(folder: str | os.PathLike[str], *, preset: str = "inte
             stale.unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
 
-    vocab_size = write_tokenizer(folder)
+    vocab_size = write_preset_tokenizer(folder, preset)
     config = make_config(preset, vocab_size=vocab_size, dtype=dtype, overrides=config_overrides)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -184,6 +233,13 @@ def build_tiny_checkpoint(folder: str | os.PathLike[str], *, preset: str = "inte
                  "weight_map": dict(sorted(weight_map.items()))}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return folder
+
+
+def write_preset_tokenizer(folder: str | os.PathLike[str], preset: str = "internvl-chat-v1-5") -> int:
+    """Write the tokenizer files of `preset`'s LLM family into `folder`; return the full vocab size."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return (write_phi3_tokenizer if PRESETS[preset].is_phi3 else write_tokenizer)(Path(folder))
 
 
 def cache_dir() -> Path:
@@ -234,7 +290,12 @@ def ensure_tiny_checkpoint(preset: str = "internvl-chat-v1-5", seed: int = 0,
     return _build_once(target, lambda tmp: build_tiny_checkpoint(tmp, preset=preset, seed=seed, overwrite=True))
 
 
-def ensure_tiny_tokenizer(folder: str | os.PathLike[str] | None = None) -> Path:
-    """A folder with only the tiny tokenizer's files (no weights), for random-weight presets."""
-    target = Path(folder) if folder is not None else cache_dir() / "tiny-tokenizer"
-    return _build_once(target, write_tokenizer)
+def ensure_tiny_tokenizer(folder: str | os.PathLike[str] | None = None, *, preset: str = "internvl-chat-v1-5"
+                          ) -> Path:
+    """A folder with only the tiny tokenizer's files (no weights), for random-weight presets: the InternLM2-style
+    one, or for a Phi-3 preset (Mini-4B) the Phi-3 one, whose added tokens the `phi3-chat` template needs."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    phi3 = PRESETS[preset].is_phi3
+    target = Path(folder) if folder is not None else cache_dir() / ("tiny-tokenizer-phi3" if phi3 else "tiny-tokenizer")
+    return _build_once(target, lambda tmp: write_preset_tokenizer(tmp, preset))

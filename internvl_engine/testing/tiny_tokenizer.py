@@ -157,12 +157,18 @@ def write_tokenizer(folder: Path) -> int:
         "additional_special_tokens": [*_CHAT_TOKENS_LISTED, *(_token_entry(t) for t in INTERNVL_TOKENS)],
         "bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>",
     }
+    write_tokenizer_json(folder, added, tokenizer_config, special_tokens_map)
+    return sp_size + len(added)
+
+
+def write_tokenizer_json(folder: Path, added: dict[str, int], tokenizer_config: dict, special_tokens_map: dict) -> None:
+    """added_tokens.json, tokenizer_config.json, special_tokens_map.json and generation_config.json, formatted as
+    transformers 4.37 saves them."""
     _write_json(folder / "added_tokens.json", dict(sorted(added.items())), indent=2)
     _write_json(folder / "tokenizer_config.json", tokenizer_config, indent=1)
     _write_json(folder / "special_tokens_map.json", special_tokens_map, indent=2)
     _write_json(folder / "generation_config.json", {"_from_model_config": True, "transformers_version": "4.37.2"},
                 indent=2)
-    return sp_size + len(added)
 
 
 def _write_json(path: Path, data: dict, indent: int) -> None:

@@ -2,9 +2,9 @@
 
 `read_tokenizer_files` turns the files transformers 4.37 writes next to `tokenizer.model` (tokenizer_config.json,
 or for legacy checkpoints special_tokens_map.json and added_tokens.json) into the keyword arguments of
-`InternLM2Tokenizer`. `AddedToken` is the form those files give added tokens, `BatchEncoding` the form an encode
-returns, `_as_id_list` the id forms a decode accepts, and `clean_up_tokenization` the English clean-up that
-InternLM2's decode applies.
+`InternLM2Tokenizer`; `checkpoint_folder` finds the folder a path names. `AddedToken` is the form those files give
+added tokens, `BatchEncoding` the form an encode returns, `_as_id_list` the id forms a decode accepts, and
+`clean_up_tokenization` the English clean-up that InternLM2's decode applies.
 """
 from __future__ import annotations
 
@@ -61,6 +61,12 @@ class BatchEncoding(dict):
 
     def to(self, device: torch.device | str) -> "BatchEncoding":
         return BatchEncoding({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()})
+
+
+def checkpoint_folder(path: str | Path) -> Path:
+    """The checkpoint folder named by `path`: the folder itself, or the folder of a file inside it."""
+    folder = Path(path)
+    return folder.parent if folder.is_file() else folder
 
 
 def _read_json(path: Path) -> dict:

@@ -21,15 +21,18 @@ import torch.nn.functional as F
 
 
 class KVCache:
-    """K/V for all layers: [num_blocks, block_size, num_kv_heads, head_dim] each (the kernel's layout)."""
+    """K/V for all layers: [num_blocks, block_size, num_kv_heads, head_dim] each (the kernel's layout).
+
+    `sliding_window`: the model's (Phi-3): a query at position p attends keys p - w + 1 ... p; None: all."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, sliding_window: int | None = None) -> None:
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.sliding_window = sliding_window
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -91,10 +94,13 @@ class PagedAttention:
             from ..kernels.paged_decode import paged_decode, paged_decode_ref
 
             queries = q[0].index_select(1, self.decode_tokens).transpose(0, 1)  # [n, heads, d]
+            window = self.cache.sliding_window
             if self.batch.use_triton:
-                result = paged_decode(queries, keys, values, self.decode_tables, self.decode_lens, validate=False)
+                result = paged_decode(queries, keys, values, self.decode_tables, self.decode_lens, validate=False,
+                                      sliding_window=window)
             else:
-                result = paged_decode_ref(queries, keys, values, self.decode_tables, self.decode_lens)
+                result = paged_decode_ref(queries, keys, values, self.decode_tables, self.decode_lens,
+                                          sliding_window=window)
             out[0][:, self.decode_tokens] = result.transpose(0, 1)
         if self.prefill_rows:
             from ..kernels.paged_prefill import paged_prefill, paged_prefill_ref
@@ -103,9 +109,10 @@ class PagedAttention:
             args = (queries, keys, values, self.prefill_tables, self.prefill_starts, self.prefill_lens,
                     self.prefill_context)
             if self.batch.use_triton:
-                paged_prefill(*args, self.max_prefill_len, out=into, validate=False)
+                paged_prefill(*args, self.max_prefill_len, out=into, validate=False,
+                              sliding_window=self.cache.sliding_window)
             else:
-                paged_prefill_ref(*args, out=into)
+                paged_prefill_ref(*args, out=into, sliding_window=self.cache.sliding_window)
         return out
 
 
@@ -117,16 +124,22 @@ class MaskedAttention:
     fly (no [seq, seq] mask is kept).
     """
 
-    def __init__(self, attention_mask: torch.Tensor, max_score_elements: int = 1 << 24) -> None:
-        """attention_mask [batch, seq] (0 = padding, never attended to)."""
+    def __init__(self, attention_mask: torch.Tensor, max_score_elements: int = 1 << 24,
+                 sliding_window: int | None = None) -> None:
+        """attention_mask [batch, seq] (0 = padding, never attended to); sliding_window: a query at sequence index
+        i sees keys i - w + 1 ... i (as transformers' eager Phi-3 mask); None: all of them."""
         self.valid = attention_mask.bool()  # [batch, seq]
         self.max_score_elements = max_score_elements
+        self.sliding_window = sliding_window
 
     def _mask(self, start: int, stop: int) -> torch.Tensor:
         """[batch, stop - start, seq] bool: query rows [start, stop) may attend to each key."""
         seq = self.valid.shape[1]
         keys = torch.arange(seq, device=self.valid.device)
-        causal = keys[None, :] <= torch.arange(start, stop, device=self.valid.device)[:, None]  # [rows, seq]
+        queries = torch.arange(start, stop, device=self.valid.device)[:, None]
+        causal = keys[None, :] <= queries  # [rows, seq]
+        if self.sliding_window is not None:
+            causal &= keys[None, :] > queries - self.sliding_window
         mask = causal[None] & self.valid[:, None, :]
         # A padding query sees no key: let it attend causally so its softmax stays finite (its output is unused).
         return mask | (~mask.any(-1, keepdim=True) & causal[None])

@@ -37,9 +37,11 @@ class _DecodeAttention:
             # A graph fixes the split count, so fix the split SIZE instead (as vLLM's 512-token partitions): the
             # splits past a row's context exit at once, and long contexts still spread over many programs.
             num_splits = max(1, -(-self.tables.shape[1] * self.cache.block_size // _SPLIT_TOKENS))
-            out = paged_decode(queries, keys, values, self.tables, self.lens, num_splits=num_splits, validate=False)
+            out = paged_decode(queries, keys, values, self.tables, self.lens, num_splits=num_splits, validate=False,
+                               sliding_window=self.cache.sliding_window)
         else:
-            out = paged_decode_ref(queries, keys, values, self.tables, self.lens)
+            out = paged_decode_ref(queries, keys, values, self.tables, self.lens,
+                                   sliding_window=self.cache.sliding_window)
         return out.transpose(0, 1).unsqueeze(0)
 
 
@@ -59,14 +61,16 @@ class DecodeGraphRunner:
         self.slots = torch.full((size,), self.scratch_slot, dtype=torch.long, device=self.device)
         self.tables = torch.full((size, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=self.device)
         self.lens = torch.ones(size, dtype=torch.int32, device=self.device)
+        self.rope_lengths = torch.ones(size, dtype=torch.long, device=self.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.eager_buckets: set[int] = set()
         self._pool = None
 
     def can_run(self, num_seqs: int, max_rope_length: int) -> bool:
-        """Static shapes need a bucket, and one rotary base for all rows (no dynamic-NTK scaling)."""
+        """Static shapes need a bucket, and a rotation the graph can pick per row: always for su (a tensor op on
+        the rope lengths), only the unscaled base for dynamic NTK (its base is picked on the host)."""
         rotary = self.model.language_model.rotary
-        return num_seqs <= self.buckets[-1] and rotary.base_for_length(max_rope_length) == rotary.theta
+        return num_seqs <= self.buckets[-1] and (rotary.static_rope_lengths or rotary.variant(max_rope_length) is None)
 
     def _forward(self, bucket: int) -> torch.Tensor:
         """The decode step on the first `bucket` rows of the static buffers -> logits [bucket, vocab]."""
@@ -74,12 +78,13 @@ class DecodeGraphRunner:
         attention = _DecodeAttention(self.cache, self.slots[:bucket], self.tables[:bucket], self.lens[:bucket],
                                      self.model.resolved_backend() == "triton")
         embeds = lm.embed(self.ids[:bucket][None])  # [1, B, H]
-        hidden = lm(embeds, self.positions[:bucket][None], attention, [0])  # base theta: can_run checked it
+        rope_lengths = self.rope_lengths[:bucket][None] if lm.rotary.static_rope_lengths else [0]  # [0]: unscaled
+        hidden = lm(embeds, self.positions[:bucket][None], attention, rope_lengths)
         return lm.logits(hidden[0])
 
     @torch.inference_mode()
     def run(self, token_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
-            context_lens: list[int]) -> torch.Tensor:
+            context_lens: list[int], rope_lengths: list[int]) -> torch.Tensor:
         """One decode step for n sequences -> logits [n, vocab] float32."""
         n = len(token_ids)
         bucket = next(b for b in self.buckets if b >= n)
@@ -90,6 +95,7 @@ class DecodeGraphRunner:
         self.positions[:bucket].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
         self.slots[:bucket].copy_(torch.tensor(slots + [self.scratch_slot] * pad), non_blocking=True)
         self.lens[:bucket].copy_(torch.tensor(context_lens + [1] * pad, dtype=torch.int32), non_blocking=True)
+        self.rope_lengths[:bucket].copy_(torch.tensor(rope_lengths + [1] * pad), non_blocking=True)
         self.tables[:bucket].copy_(table, non_blocking=True)
         if not self.use_graphs or bucket in self.eager_buckets:
             return self._forward(bucket)[:n]

@@ -34,8 +34,9 @@ class ModelRunner:
         if self.num_blocks < 2:
             raise ValueError(f"KV cache of {kv_cache_bytes} bytes holds fewer than 3 blocks of {per_block} bytes")
         self.block_size = block_size
+        window = cfg.sliding_window if cfg.sliding_window is not None and cfg.sliding_window < max_model_len else None
         self.cache = KVCache(cfg.num_hidden_layers, self.num_blocks + 1, block_size, cfg.num_key_value_heads,
-                             cfg.head_dim, model.dtype, self.device)
+                             cfg.head_dim, model.dtype, self.device, sliding_window=window)
         self.decode_graphs = None
         if static_decode or (static_decode is None and self.device.type == "cuda"):
             self.decode_graphs = DecodeGraphRunner(model, self.cache, self.num_blocks, -(-max_model_len // block_size),
@@ -53,7 +54,7 @@ class ModelRunner:
         graphs = self.decode_graphs
         if graphs is not None and meta.is_decode_only and graphs.can_run(len(meta.query_lens), max(meta.rope_lengths)):
             return graphs.run(meta.input_token_ids, meta.positions, meta.slot_ids, meta.block_tables,
-                              meta.context_lens)
+                              meta.context_lens, meta.rope_lengths)
         device = self.device
         lm = self.model.language_model
         embeds = lm.embed(torch.tensor(meta.input_token_ids, dtype=torch.long, device=device)[None])  # [1, T, H]

@@ -64,6 +64,11 @@ CONFIGS = [
     dict(id="paged_decode-mha-bf16-splits", build="paged_decode",
          params=dict(dtype="bf16", batch=8, q_heads=32, kv_heads=32, head_dim=96, block_size=16, context=4096),
          kernels=["_paged_decode_split_kernel", "_paged_decode_reduce_kernel"]),
+    # The same with a binding sliding window (Phi-3-mini-4k's 2047 tokens over a 4096-token table): the HAS_WINDOW
+    # paths of both passes.
+    dict(id="paged_decode-mha-bf16-splits-window", build="paged_decode",
+         params=dict(dtype="bf16", batch=8, q_heads=32, kv_heads=32, head_dim=96, block_size=16, context=4096,
+                     window=2047), kernels=["_paged_decode_split_kernel", "_paged_decode_reduce_kernel"]),
     # Paged prefill, as the engine calls it (q and out transposed views of [heads, T, head_dim], 16-token pages):
     # InternLM2-20B (48 q / 8 KV heads, head_dim 128: GQA 6 packed into 128-row tiles), a 2048-token chunk over an
     # 8192-token context, bf16 and fp16; four short chunks (BLOCK_M fitted down to 16 rows); Mini-2B (16 / 8 heads);
@@ -83,6 +88,14 @@ CONFIGS = [
     dict(id="paged_prefill-phi3-mha-d96-bf16", build="paged_prefill",
          params=dict(dtype="bf16", chunks=1, chunk=2048, context=8192, q_heads=32, kv_heads=32, head_dim=96,
                      block_size=16), kernels=["_paged_prefill_kernel"]),
+    # With a binding sliding window (2047 tokens over an 8192-token table): the HAS_WINDOW path's three key loops
+    # (window edge, unmasked, diagonal), for Phi-3 and for the heaviest tile (GQA 6 packed, 128 x 64, 8 warps).
+    dict(id="paged_prefill-phi3-mha-d96-bf16-window", build="paged_prefill",
+         params=dict(dtype="bf16", chunks=1, chunk=2048, context=8192, q_heads=32, kv_heads=32, head_dim=96,
+                     block_size=16, window=2047), kernels=["_paged_prefill_kernel"]),
+    dict(id="paged_prefill-20B-bf16-window", build="paged_prefill",
+         params=dict(dtype="bf16", chunks=1, chunk=2048, context=8192, q_heads=48, kv_heads=8, head_dim=128,
+                     block_size=16, window=2047), kernels=["_paged_prefill_kernel"]),
     dict(id="paged_prefill-2B-fp32", build="paged_prefill",
          params=dict(dtype="fp32", chunks=2, chunk=1024, context=4096, q_heads=16, kv_heads=8, head_dim=128,
                      block_size=16), kernels=["_paged_prefill_kernel"]),
@@ -166,7 +179,7 @@ def build_vit_attention(dtype, heads, head_dim, tiles=41, seq=1025):
     return calls
 
 
-def build_paged_decode(dtype, batch, q_heads, kv_heads, head_dim, block_size, context):
+def build_paged_decode(dtype, batch, q_heads, kv_heads, head_dim, block_size, context, window=None):
     from internvl_engine.kernels import paged_decode as mod
     dt = DTYPES[dtype]
     max_blocks = context // block_size
@@ -179,11 +192,11 @@ def build_paged_decode(dtype, batch, q_heads, kv_heads, head_dim, block_size, co
     # Not CUDA tensors -> the split count assumes the H100 SXM's 132 SMs (_DEFAULT_SMS); as the paged KV cache
     # calls it (validate=False: no host read of seq_lens).
     with intercept(mod, "_paged_decode_split_kernel", "_paged_decode_reduce_kernel") as calls:
-        mod.paged_decode(q, k_cache, v_cache, tables, lens, validate=False)
+        mod.paged_decode(q, k_cache, v_cache, tables, lens, validate=False, sliding_window=window)
     return calls
 
 
-def build_paged_prefill(dtype, chunks, chunk, context, q_heads, kv_heads, head_dim, block_size):
+def build_paged_prefill(dtype, chunks, chunk, context, q_heads, kv_heads, head_dim, block_size, window=None):
     from internvl_engine.kernels import paged_prefill as mod
     dt = DTYPES[dtype]
     tokens = chunks * chunk
@@ -197,7 +210,8 @@ def build_paged_prefill(dtype, chunks, chunk, context, q_heads, kv_heads, head_d
     starts, lens, contexts = (torch.empty(chunks, dtype=torch.int32, device=META) for _ in range(3))
     # validate=False: no host read of the lengths (meta tensors have no data), as the engine calls it.
     with intercept(mod, "_paged_prefill_kernel") as calls:
-        mod.paged_prefill(q, k_cache, v_cache, tables, starts, lens, contexts, chunk, out=out, validate=False)
+        mod.paged_prefill(q, k_cache, v_cache, tables, starts, lens, contexts, chunk, out=out, validate=False,
+                          sliding_window=window)
     return calls
 
 

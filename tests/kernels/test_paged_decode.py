@@ -1,4 +1,5 @@
-"""Paged-KV decode attention kernel vs its PyTorch reference (Triton interpreter on CPU, real kernel on CUDA)."""
+"""Paged-KV decode attention kernel vs a dense float64 reference and its PyTorch reference (Triton interpreter on
+CPU, real kernel on CUDA), with and without a sliding window."""
 from __future__ import annotations
 
 import pytest
@@ -36,18 +37,40 @@ def make_case(seq_lens, block_size, num_kv_heads, group, head_dim, dtype, seed=0
     return [t.to(dtype).to(DEVICE) for t in (q, k, v)] + [table.to(DEVICE), lens.to(DEVICE)]
 
 
-def check(q, k, v, table, lens, ref_inputs=None, **kwargs):
-    """Error rule: |kernel - ref32| <= 2 |torch_lowp - ref32| + small_atol. `ref_inputs` (k, v, table) replaces
-    the kernel's cache for the references (an equivalent compact cache)."""
-    out = paged_decode(q, k, v, table, lens, **kwargs)
+def dense_reference(q, k_cache, v_cache, block_tables, seq_lens, scale=None, sliding_window=None):
+    """Obviously correct, float64: gather each sequence's whole context, repeat KV heads, mask the keys before the
+    window (positions < seq_len - sliding_window) by position, softmax."""
+    num_seqs, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    scale = head_dim ** -0.5 if scale is None else scale
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    for s in range(num_seqs):
+        length = int(seq_lens[s])
+        ids = block_tables[s, : -(-length // block_size)].long()
+        k = k_cache[ids].reshape(-1, num_kv_heads, head_dim)[:length].double().repeat_interleave(group, dim=1)
+        v = v_cache[ids].reshape(-1, num_kv_heads, head_dim)[:length].double().repeat_interleave(group, dim=1)
+        logits = torch.einsum("hd,lhd->hl", q[s].double(), k) * scale  # [H, L]
+        if sliding_window is not None:  # the query sits at length - 1: it sees length - w ... length - 1
+            before = torch.arange(length, device=q.device) <= length - 1 - sliding_window
+            logits = logits.masked_fill(before[None, :], float("-inf"))
+        out[s] = torch.einsum("hl,lhd->hd", torch.softmax(logits, dim=-1), v)
+    return out
+
+
+def check(q, k, v, table, lens, ref_inputs=None, sliding_window=None, **kwargs):
+    """Error rule: |kernel - ref64| <= 2 |torch_lowp - ref64| + small_atol, where ref64 is the dense float64
+    reference and torch_lowp paged_decode_ref in the input dtype. `ref_inputs` (k, v, table) replaces the kernel's
+    cache for the references (an equivalent compact cache)."""
+    out = paged_decode(q, k, v, table, lens, sliding_window=sliding_window, **kwargs)
     assert out.shape == q.shape and out.dtype == q.dtype
     scale = kwargs.get("scale")
     if ref_inputs is not None:
         k, v, table = ref_inputs
-    ref_lowp = paged_decode_ref(q, k, v, table, lens, scale=scale)
-    ref32 = paged_decode_ref(q.float(), k.float(), v.float(), table, lens, scale=scale)
-    err_kernel = (out.float() - ref32).abs().max().item()
-    err_torch = (ref_lowp.float() - ref32).abs().max().item()
+    ref_lowp = paged_decode_ref(q, k, v, table, lens, scale=scale, sliding_window=sliding_window)
+    ref64 = dense_reference(q, k, v, table, lens, scale, sliding_window)
+    err_kernel = (out.double() - ref64).abs().max().item()
+    err_torch = (ref_lowp.double() - ref64).abs().max().item()
     assert err_kernel <= 2 * err_torch + SMALL_ATOL[q.dtype], (err_kernel, err_torch)
     return out
 
@@ -62,6 +85,9 @@ CASES = [
     pytest.param([16, 32], 16, 2, 6, 16, 7, id="exact-multiples-split7"),
     pytest.param([45, 3], 32, 2, 1, 128, None, id="mha-d128-bs32-auto"),
     pytest.param([20, 9], 16, 1, 3, 24, 2, id="gqa3-d24-padded"),
+    # Phi-3-mini (Mini-InternVL-4B): MHA with head_dim 96, padded to 128 with masks; and a GQA variant of it.
+    pytest.param([40, 17, 3], 16, 4, 1, 96, None, id="phi3-mha-d96-auto"),
+    pytest.param([33, 64], 16, 2, 4, 96, 3, id="gqa4-d96-split3"),
 ]
 
 
@@ -117,6 +143,92 @@ def test_int64_offsets():
     ref_inputs = (cache.compact_k, cache.compact_v, cache.compact_table)
     for num_splits in (1, 2):
         check(q, k, v, table, lens, ref_inputs=ref_inputs, num_splits=num_splits)
+
+
+# Sliding window (Phi-3): (seq_lens, block_size, num_kv_heads, group, head_dim, num_splits, window). With forced
+# splits of whole blocks, the long sequences' first splits lie wholly before their windows (leading empty splits,
+# besides the empty ones past the short sequences' ends), and windows start mid-block.
+WINDOW_CASES = [
+    # tokens_per_split 48: len 100 keeps only split 2 ([96, 144), from 99); len 64 only split 1.
+    pytest.param([37, 1, 64, 100], 16, 2, 6, 32, 4, 1, id="w1-gqa6-split4"),
+    # One block per split: len 70 with w 5 starts in split 4 (splits 0-3 empty); len 5 == w.
+    pytest.param([5, 48, 17, 70], 16, 3, 1, 32, 8, 5, id="w5-mha-split8"),
+    # w 17 is not a multiple of the page: windows [83, 100) and [47, 64) start mid-block and cross splits.
+    pytest.param([33, 64, 100], 16, 2, 4, 96, 3, 17, id="w17-gqa4-d96-split3"),
+    pytest.param([40, 17, 3], 16, 4, 1, 96, None, 17, id="w17-phi3-mha-d96-auto"),
+    pytest.param([77, 50, 6], 32, 2, 2, 64, 2, 40, id="w40-gqa2-bs32-midblock"),
+    pytest.param([20, 9], 16, 1, 3, 24, 2, 21, id="w21>context-gqa3-d24"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seq_lens,block_size,num_kv_heads,group,head_dim,num_splits,window", WINDOW_CASES)
+def test_sliding_window(seq_lens, block_size, num_kv_heads, group, head_dim, num_splits, window, dtype):
+    case = make_case(seq_lens, block_size, num_kv_heads, group, head_dim, dtype, seed=11)
+    check(*case, num_splits=num_splits, sliding_window=window)
+
+
+def poison_before_windows(q, k, v, table, lens, window):
+    """Appends a NaN block to both caches and points every table entry of a block wholly before a sequence's
+    window at it: a kernel that loads any of those keys (even masked: 0 * NaN) returns NaN."""
+    block_size = k.shape[1]
+    nan = torch.full_like(k[:1], float("nan"))
+    k, v, table = torch.cat([k, nan]), torch.cat([v, nan]), table.clone()
+    for s, length in enumerate(lens.tolist()):
+        table[s, : max(0, length - window) // block_size] = k.shape[0] - 1
+    return q, k, v, table, lens
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sliding_window_auto_splits_skip_blocks(dtype):
+    """Phi-3 shape (MHA, head_dim 96), a long context that the automatic choice splits in 256-token splits; w 300:
+    the query at 999 sees [700, 1000), so splits 0 and 1 are empty; every block wholly before the window is NaN
+    (never loaded), and the result matches the references on the clean cache."""
+    seq_lens, window = [1000, 290], 300
+    assert choose_num_splits(2, 2, -(-1000 // 16) + 2, 16)[0] > 2
+    clean = make_case(seq_lens, 16, 2, 1, 96, dtype, seed=12)
+    q, k, v, table, lens = poison_before_windows(*clean, window)
+    check(q, k, v, table, lens, ref_inputs=clean[1:4], sliding_window=window)
+
+
+def test_sliding_window_many_splits():
+    """48 one-block splits (SPLIT_TILE 32 per merge step of the reduce pass): w 50 keeps splits 40-43 of the
+    700-token sequence (the first valid split beyond a whole SPLIT_TILE of empty ones), w 600 keeps splits 6-43
+    (merged in two steps, 6-37 and 38-43); the 30-token sequence, shorter than either window, fills splits 0-1."""
+    clean = make_case([700, 30], 16, 1, 2, 16, torch.float32, seed=13)
+    for window in (50, 600):
+        check(*poison_before_windows(*clean, window), ref_inputs=clean[1:4], num_splits=48, sliding_window=window)
+
+
+def test_window_longer_than_context_is_no_window():
+    """A window >= the table's capacity takes the windowless kernels (bit-identical); one just past the longest
+    sequence binds nowhere and gives the same answer."""
+    q, k, v, table, lens = make_case([37, 100, 5], 16, 2, 6, 32, torch.float32, seed=14)
+    cap = table.shape[1] * 16
+    for num_splits in (1, 3):
+        plain = paged_decode(q, k, v, table, lens, num_splits=num_splits)
+        assert torch.equal(paged_decode(q, k, v, table, lens, num_splits=num_splits, sliding_window=cap), plain)
+        wide = paged_decode(q, k, v, table, lens, num_splits=num_splits, sliding_window=101)
+        torch.testing.assert_close(wide, plain, atol=1e-6, rtol=1e-6)
+    ref = paged_decode_ref(q, k, v, table, lens)
+    assert torch.equal(paged_decode_ref(q, k, v, table, lens, sliding_window=100), ref)
+
+
+@pytest.mark.parametrize("window", [1, 5, 17, None])
+def test_reference_matches_dense(window):
+    """paged_decode_ref (the engine's CPU path) == the dense float64 reference to fp32 rounding."""
+    case = make_case([37, 1, 64, 100], 16, 2, 6, 32, torch.float32, seed=15)
+    torch.testing.assert_close(paged_decode_ref(*case, sliding_window=window),
+                               dense_reference(*case, sliding_window=window).float(), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, -4, 2.5, True, "8"], ids=str)
+def test_sliding_window_must_be_positive_int(window):
+    args = _bad()
+    with pytest.raises(ValueError, match="sliding_window"):
+        paged_decode(**args, sliding_window=window)
+    with pytest.raises(ValueError, match="sliding_window"):
+        paged_decode_ref(**args, sliding_window=window)
 
 
 def _bad(**changes):

@@ -1,7 +1,8 @@
 """Paged-KV prefill attention kernel vs a dense float64 reference and its PyTorch reference (Triton interpreter on
 CPU, the real kernel on CUDA): chunks over cached prefixes that end mid-block, several chunks with gaps in one
 call, GQA 6:1 / 8:1, MQA, MHA, head_dim 96, permuted block tables with garbage tails, tiles smaller and larger
-than pages."""
+than pages; Phi-3's sliding window (windows shorter than a tile, than a query block, not a multiple of the page,
+longer than the context; chunks over prefixes longer than the window)."""
 from __future__ import annotations
 
 import pytest
@@ -50,9 +51,10 @@ def make_case(chunks, block_size, num_kv_heads, group, head_dim, dtype, seed=0, 
     return [t.to(dtype).to(DEVICE) for t in (q, k, v)] + [t.to(DEVICE) for t in [table] + ints]
 
 
-def dense_reference(q, k_cache, v_cache, block_tables, query_starts, query_lens, context_lens, scale=None):
-    """Obviously correct, float64: gather each chunk's context, repeat KV heads, mask by position, softmax.
-    Rows outside every chunk are 0."""
+def dense_reference(q, k_cache, v_cache, block_tables, query_starts, query_lens, context_lens, scale=None,
+                    sliding_window=None):
+    """Obviously correct, float64: gather each chunk's context, repeat KV heads, mask by position (causal, and
+    keys <= position - sliding_window with a window), softmax. Rows outside every chunk are 0."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
@@ -66,6 +68,8 @@ def dense_reference(q, k_cache, v_cache, block_tables, query_starts, query_lens,
         logits = torch.einsum("nhd,lhd->hnl", q[start: start + n].double(), k) * scale  # [H, n, L]
         pos = torch.arange(total - n, total, device=q.device)
         causal = torch.arange(total, device=q.device)[None, :] <= pos[:, None]  # [n, L]
+        if sliding_window is not None:
+            causal &= torch.arange(total, device=q.device)[None, :] > pos[:, None] - sliding_window
         probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
         out[start: start + n] = torch.einsum("hnl,lhd->nhd", probs, v)
     return out
@@ -78,21 +82,21 @@ def chunk_rows(query_starts, query_lens, num_tokens):
     return rows
 
 
-def check(case, config=None, scale=None, out=None, max_query_len=None, ref_case=None):
+def check(case, config=None, scale=None, out=None, max_query_len=None, ref_case=None, sliding_window=None):
     """Error rule on the chunks' rows: |kernel - ref64| <= 2 |torch_lowp - ref64| + small_atol, where torch_lowp
     is paged_prefill_ref in the input dtype. The other rows: 0 in a fresh `out`, untouched in a given one.
     `ref_case` (k, v, table) replaces the kernel's cache for the references (an equivalent compact cache)."""
     q, k, v, table, starts, lens, ctx = case
     mql = int(lens.max()) if max_query_len is None else max_query_len
     given = out is not None
-    result = _paged_prefill(q, k, v, table, starts, lens, ctx, mql, scale, out, True, config)
+    result = _paged_prefill(q, k, v, table, starts, lens, ctx, mql, scale, out, True, config, sliding_window)
     assert result.shape == q.shape and result.dtype == q.dtype
     if given:
         assert result is out
     if ref_case is not None:
         k, v, table = ref_case
-    ref64 = dense_reference(q, k, v, table, starts, lens, ctx, scale)
-    ref_lowp = paged_prefill_ref(q, k, v, table, starts, lens, ctx, scale=scale)
+    ref64 = dense_reference(q, k, v, table, starts, lens, ctx, scale, sliding_window)
+    ref_lowp = paged_prefill_ref(q, k, v, table, starts, lens, ctx, scale=scale, sliding_window=sliding_window)
     rows = chunk_rows(starts, lens, q.shape[0]).to(q.device)
     err_kernel = (result.double() - ref64)[rows].abs().max().item()
     err_torch = (ref_lowp.double() - ref64)[rows].abs().max().item()
@@ -226,6 +230,105 @@ def test_reference_keeps_input_dtype_and_out():
     rows = chunk_rows(starts, lens, q.shape[0]).to(DEVICE)
     assert torch.equal(out[~rows], torch.full_like(out[~rows], SENTINEL))
     assert paged_prefill_ref(q.float(), k.float(), v.float(), table, starts, lens, ctx).dtype == torch.float32
+
+
+# Sliding window (Phi-3): (chunks, block_size, num_kv_heads, group, head_dim, window), default tiles.
+WINDOW_CASES = [
+    pytest.param([(37, 20), (0, 9)], 16, 2, 6, 32, 1, id="w1-gqa6"),  # each row sees only its own key
+    pytest.param([(21, 30), (0, 17), (40, 2)], 16, 3, 1, 32, 5, id="w5-3chunks-mha"),
+    pytest.param([(10, 37)], 16, 2, 1, 96, 17, id="w17-phi3-d96-mha"),  # 17: not a multiple of the page
+    pytest.param([(100, 40), (3, 20)], 16, 1, 4, 96, 17, id="w17-gqa4-d96-prefix>window"),
+    pytest.param([(29, 20), (50, 7)], 24, 1, 3, 16, 40, id="w40-gqa3-bs24-midblock"),
+    pytest.param([(200, 60)], 16, 2, 2, 64, 100, id="w100-gqa2-d64-prefix>window"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("chunks,block_size,num_kv_heads,group,head_dim,window", WINDOW_CASES)
+def test_sliding_window(chunks, block_size, num_kv_heads, group, head_dim, window, dtype):
+    check(make_case(chunks, block_size, num_kv_heads, group, head_dim, dtype, seed=11), sliding_window=window)
+
+
+# Small tiles: several query blocks per chunk and key tiles of 16 / 32, so each block's key loop has a skipped head,
+# window-edge tiles, unmasked tiles and a diagonal that the window edge may cross; rows late in a block whose first
+# visited tiles are wholly before their window (w 5 with 16-token query blocks).
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("chunks,block_size,num_kv_heads,group,head_dim,config,window", [
+    pytest.param([(45, 40), (0, 9)], 32, 1, 6, 16, (16, 16, 4, 1), 5, id="w5-gqa6-bs32-tile16x16"),
+    pytest.param([(13, 50), (70, 1)], 8, 2, 1, 16, (32, 16, 4, 1), 17, id="w17-mha-bs8-tile32x16"),
+    pytest.param([(120, 33)], 16, 1, 8, 96, (64, 32, 4, 1), 60, id="w60-gqa8-d96-tile64x32"),
+    pytest.param([(100, 50)], 16, 1, 1, 32, (16, 16, 4, 1), 5, id="w5-mha-tile16x16"),
+])
+def test_sliding_window_small_tiles(chunks, block_size, num_kv_heads, group, head_dim, config, window, dtype):
+    check(make_case(chunks, block_size, num_kv_heads, group, head_dim, dtype, seed=12), config=config,
+          sliding_window=window)
+
+
+@pytest.mark.parametrize("window", [1, 17, 40])
+def test_sliding_window_every_alignment(window):
+    """As test_every_diagonal_alignment, with a window: 16 chunks over prefixes 24..39 with 16 x 16 tiles, so
+    every residue of the window's start and end modulo BLOCK_N (w 1: the diagonal only; 17: the edge runs through
+    the diagonal; 40: edge tiles, then unmasked tiles, then the diagonal)."""
+    chunks = [(prefix, 37) for prefix in range(24, 40)]
+    check(make_case(chunks, 8, 1, 1, 16, torch.float32, seed=9, gap=1), config=(16, 16, 4, 1), sliding_window=window)
+
+
+def poison_before_windows(case, window, block_n):
+    """Appends a NaN block to both caches and points each chunk's table entries for blocks wholly before its first
+    key tile (the first query's window start rounded down to BLOCK_N) at it: a kernel that loads any of those keys
+    (even masked: 0 * NaN) returns NaN."""
+    q, k, v, table, starts, lens, ctx = case
+    block_size = k.shape[1]
+    nan = torch.full_like(k[:1], float("nan"))
+    k, v, table = torch.cat([k, nan]), torch.cat([v, nan]), table.clone()
+    for c, (n, total) in enumerate(zip(lens.tolist(), ctx.tolist())):
+        first_tile = max(0, total - n - window + 1) // block_n * block_n
+        table[c, : first_tile // block_size] = k.shape[0] - 1
+    return [q, k, v, table, starts, lens, ctx]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sliding_window_skips_tiles_before_window(dtype):
+    """Chunked prefill over prefixes much longer than the window: the blocks before every window are NaN and must
+    never be loaded; the result matches the references on the clean cache."""
+    clean = make_case([(300, 40), (150, 70), (0, 20)], 16, 2, 2, 32, dtype, seed=13)
+    for config, window in (((16, 16, 4, 1), 17), ((32, 32, 4, 1), 60)):
+        check(poison_before_windows(clean, window, config[1]), config=config, ref_case=clean[1:4],
+              sliding_window=window)
+
+
+def test_window_longer_than_context_is_no_window():
+    """A window >= the table's capacity takes the windowless kernel (bit-identical); one just past the longest
+    context binds nowhere and gives the same answer."""
+    case = make_case([(50, 30), (5, 24)], 16, 2, 2, 32, torch.float32, seed=14)
+    cap = case[3].shape[1] * 16
+    for config in (None, (32, 16, 4, 1)):
+        plain = _paged_prefill(*case, 30, None, None, True, config)
+        assert torch.equal(_paged_prefill(*case, 30, None, None, True, config, cap), plain)
+        wide = _paged_prefill(*case, 30, None, None, True, config, 81)
+        torch.testing.assert_close(wide, plain, atol=1e-6, rtol=1e-6)
+    assert torch.equal(paged_prefill_ref(*case, sliding_window=80), paged_prefill_ref(*case))
+
+
+@pytest.mark.parametrize("window", [1, 5, 17, 60])
+def test_reference_window_matches_dense(window):
+    """paged_prefill_ref with a window == the dense float64 reference to fp32 rounding, also in row blocks (each
+    block takes keys from its own first window start)."""
+    case = make_case([(70, 45), (0, 23), (9, 1)], 16, 2, 6, 32, torch.float32, seed=8)
+    dense = dense_reference(*case, sliding_window=window).float()
+    torch.testing.assert_close(paged_prefill_ref(*case, sliding_window=window), dense, atol=2e-6, rtol=1e-5)
+    blocked = paged_prefill_ref(*case, max_score_elements=12 * 115 * 4, sliding_window=window)
+    torch.testing.assert_close(blocked, dense, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, -4, 2.5, True, "8"], ids=str)
+def test_sliding_window_must_be_positive_int(window):
+    args = _bad()
+    with pytest.raises(ValueError, match="sliding_window"):
+        paged_prefill(**args, sliding_window=window)
+    del args["max_query_len"]
+    with pytest.raises(ValueError, match="sliding_window"):
+        paged_prefill_ref(**args, sliding_window=window)
 
 
 def _bad(**changes):

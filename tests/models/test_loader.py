@@ -63,8 +63,13 @@ def test_config_parses_golden_configs():
         assert cfg.llm.num_key_value_heads == raw["llm_config"]["num_key_value_heads"]
         assert cfg.ps_version == raw["ps_version"]
         assert cfg.num_image_token == 256
-        assert cfg.template == "internlm2-chat"
-        assert cfg.llm.rope_scaling.type == "dynamic"
+        phi3 = raw["llm_config"]["architectures"] == ["Phi3ForCausalLM"]
+        assert cfg.llm.architecture == raw["llm_config"]["architectures"][0]
+        assert cfg.template == ("phi3-chat" if phi3 else "internlm2-chat")
+        assert cfg.llm.rope_scaling.type == ("su" if phi3 else "dynamic")
+        if phi3:
+            assert cfg.llm.rope_scaling.long_factor == tuple(raw["llm_config"]["rope_scaling"]["long_factor"])
+            assert cfg.llm.original_max_position_embeddings == raw["llm_config"]["original_max_position_embeddings"]
 
 
 def test_absent_fields_take_official_defaults(ckpt):

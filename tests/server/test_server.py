@@ -43,9 +43,9 @@ def _parts(text: str, images: list) -> list[dict] | str:
     return parts
 
 
-def golden_request(case: str) -> tuple[list[dict], dict, dict]:
+def golden_request(case: str, model: str = MODELS[0]) -> tuple[list[dict], dict, dict]:
     """(messages, extra body, the golden case) for one of the official chat goldens."""
-    spec = golden_json(MODELS[0])["chat"][case]
+    spec = golden_json(model)["chat"][case]
     call = spec["call"]
     images = [image_path(name) for name, _ in call["images"] or []]
     question = call["question"]
