@@ -1,15 +1,19 @@
-"""Full-size benchmarks of the five Triton kernels against PyTorch (needs a CUDA GPU).
+"""Full-size benchmarks of the Triton kernels against PyTorch (needs a CUDA GPU).
 
     python3 benchmarks/bench_kernels.py            # all kernels, full InternVL-Chat-V1.5 shapes
     python3 benchmarks/bench_kernels.py --only decode
+    python3 benchmarks/bench_kernels.py --only w8a16   # int8 weight-only GEMM vs bf16 cuBLAS
     python3 benchmarks/bench_kernels.py --smoke    # tiny shapes on the CPU interpreter: checks the script only
 
 Prints TFLOP/s (ViT attention, paged prefill) or GB/s (the memory-bound kernels) for the Triton kernel, each
 torch SDPA backend that runs, and the kernel's PyTorch reference; plus the measured device-to-device copy
 bandwidth that the paged-decode target (>= 80% of it at batch >= 8, context >= 4K) is stated against, paged
 prefill against flash-attn (`pip install -e ".[gpu]"`; skipped with a note when it is not installed), and tile
-normalisation of a 3840x2160 image (40 tiles) against the official CPU recipe. Every kernel's output is checked
-against its reference before it is timed. Record results in benchmarks/RESULTS.md with device, command and date.
+normalisation of a 3840x2160 image (40 tiles) against the official CPU recipe; the W8A16 int8 GEMM (bitsandbytes
+int8 checkpoints) in ms and GB/s against a cuBLAS matmul on the dequantised 16-bit weight and against
+dequantise-then-matmul (its reference), with its speedup over the 16-bit matmul (target: >= 1.6x at M <= 8 on an
+H100). Every kernel's output is checked against its reference before it is timed. Record results in
+benchmarks/RESULTS.md with device, command and date.
 """
 from __future__ import annotations
 
@@ -44,22 +48,33 @@ class Shapes:
     unshuffle: tuple[int, int, int] = (41, 1025, 3200)  # tiles, seq, width
     image: tuple[int, int, int] = (3840, 2160, 40)  # width, height, max_num
     copy_bytes: int = 2**30
+    # (name, K, N) of InternVL-Chat-V1.5's linear layers (InternLM2-20B, InternViT-6B's MLP), and the M rows.
+    w8a16_shapes: tuple[tuple[str, int, int], ...] = (
+        ("20B wqkv", 6144, 8192), ("20B wo", 6144, 6144), ("20B w1", 6144, 16384), ("20B w2", 16384, 6144),
+        ("20B lm_head", 6144, 92553), ("ViT-6B fc1", 3200, 12800), ("ViT-6B fc2", 12800, 3200))
+    w8a16_ms: tuple[int, ...] = (1, 2, 4, 8, 16, 128, 2048)
+    l2_flush_bytes: int = 2**28  # > the H100's / H200's 50 MB L2: flush size, and the w8a16 weight copies' total
 
 
 SMOKE = Shapes(device="cpu", vit=(1, 2, 65, 16), decode_heads=(6, 2, 16, 16), decode_batches=(1, 2),
                decode_contexts=(64,), prefill_heads=(6, 2, 16, 16),
                prefill_cases=(((40,), (0,)), ((24,) * 2, (19,) * 2)), unshuffle=(1, 17, 8), image=(200, 120, 4),
-               copy_bytes=2**20)
+               copy_bytes=2**20, w8a16_shapes=(("tiny", 100, 61), ("tiny-wide", 257, 40)), w8a16_ms=(1, 3, 20),
+               l2_flush_bytes=2**13)
 
 
-def cuda_time_ms(fn: Callable[[], object], repeat: int = 20, warmup: int = 3) -> float:
+def cuda_time_ms(fn: Callable[[], object], repeat: int = 20, warmup: int = 3,
+                 before: Callable[[], object] | None = None) -> float:
     """Median of CUDA-event timings of `fn` (after warm-up, which also triggers Triton compilation);
-    wall-clock on CPU (--smoke), where the numbers mean nothing."""
+    wall-clock on CPU (--smoke), where the numbers mean nothing. `before` runs ahead of each timed call, outside
+    the timing (e.g. an L2 flush)."""
     for _ in range(warmup):
         fn()
     if not torch.cuda.is_available():
         times = []
         for _ in range(max(1, repeat // 10)):
+            if before is not None:
+                before()
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1000)
@@ -67,6 +82,8 @@ def cuda_time_ms(fn: Callable[[], object], repeat: int = 20, warmup: int = 3) ->
     torch.cuda.synchronize()
     times = []
     for _ in range(repeat):
+        if before is not None:
+            before()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -320,9 +337,83 @@ def bench_tile_norm(shapes: Shapes) -> None:
           f"speedup {cpu_ms / gpu_ms:6.0f}x")
 
 
+def graph_time_ms(fns: list[Callable[[], object]], repeat: int = 20) -> float:
+    """Device time per call of `fns` run back to back, timed as replays of one CUDA graph holding a pass over all
+    of them: no host launch overhead, as the engine's decode graphs run the layers. Each fn runs once before the
+    capture (warm-up, Triton compilation). CPU (--smoke): wall-clock per call, meaningless."""
+    if not torch.cuda.is_available():
+        return cuda_time_ms(lambda: [fn() for fn in fns], repeat=repeat) / len(fns)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream (cuBLAS workspaces, autotuning)
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    return cuda_time_ms(graph.replay, repeat=repeat) / len(fns)
+
+
+def bench_w8a16(dtype: torch.dtype, shapes: Shapes) -> None:
+    """w8a16_linear vs F.linear on the dequantised weight in x's dtype (cuBLAS; the weight dequantised beforehand,
+    untimed: the 16-bit checkpoint's speed) and vs w8a16_linear_ref (dequantise, then matmul, every call).
+    The kernel and the matmul are timed as device time per call (`graph_time_ms`: CUDA-graph replays, as the
+    engine's decode runs them) over enough distinct copies of the weight (> l2_flush_bytes in all, cycled) that
+    each call reads its weight from HBM: a 50 MB int8 weight would otherwise partly stay in the 50 MB L2 between
+    calls (its 16-bit copy would not), flattering the kernel. "eager" is one launch with the L2 flushed first,
+    host launch overhead included. GB/s of the kernel's compulsory traffic M*K*2 + N*K + N*4 + M*N*2 (the int8
+    weight once); the matmul's own GB/s counts its 2-byte weight. Speedup = matmul time / kernel time."""
+    from functools import partial
+
+    import torch.nn.functional as F
+
+    from internvl_engine.kernels.w8a16_gemm import GEMV_MAX_M, w8a16_linear, w8a16_linear_ref
+
+    elem = torch.empty((), dtype=dtype).element_size()
+    dname = str(dtype).removeprefix("torch.")
+    flush = torch.empty(shapes.l2_flush_bytes, dtype=torch.uint8, device=shapes.device)
+    print(f"w8a16 weight-only int8 GEMM (bitsandbytes layout), {dname}: kernel vs matmul on the dequantised "
+          f"{dname} weight (cuBLAS) and dequantise-then-matmul; device time per call from CUDA-graph replays over "
+          f"weights cycled past L2; GEMV / split-K path for M <= {GEMV_MAX_M}")
+    small_m_speedups = []
+    for name, K, N in shapes.w8a16_shapes:
+        gen = torch.Generator(device=shapes.device).manual_seed(0)
+        copies = max(1, -(-shapes.l2_flush_bytes // (N * K)))
+        weights = [torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8, device=shapes.device)
+                   for _ in range(copies)]
+        scb = torch.rand(N, generator=gen, device=shapes.device) * 0.5 + 0.01
+        dense = [(w.float() * scb[:, None] / 127).to(dtype) for w in weights]  # the 16-bit weights, untimed
+        weight = weights[0]
+        print(f"  {name}: K {K} -> N {N} ({copies} weight copies)")
+        for m in shapes.w8a16_ms:
+            x = torch.randn(m, K, generator=gen, device=shapes.device).to(dtype)
+            expected = w8a16_linear_ref(x, weight, scb).float()
+            err = ((w8a16_linear(x, weight, scb).float() - expected).abs().max() / expected.abs().max()).item()
+            ms = graph_time_ms([partial(w8a16_linear, x, w, scb) for w in weights])
+            dense_ms = graph_time_ms([partial(F.linear, x, d) for d in dense])
+            eager_ms = cuda_time_ms(lambda: w8a16_linear(x, weight, scb), before=flush.zero_)
+            ref_ms = cuda_time_ms(lambda: w8a16_linear_ref(x, weight, scb), repeat=5, before=flush.zero_)
+            moved = m * K * elem + N * K + N * 4 + m * N * elem
+            dense_moved = m * K * elem + N * K * elem + m * N * elem
+            speedup = dense_ms / ms
+            if m <= 8:
+                small_m_speedups.append(speedup)
+            print(f"    M {m:5d}: triton {ms:8.4f} ms {moved / ms / 1e6:6.0f} GB/s {2 * m * N * K / ms / 1e9:6.1f} "
+                  f"TFLOP/s (eager {eager_ms:7.4f} ms) | matmul {dense_ms:8.4f} ms {dense_moved / dense_ms / 1e6:6.0f} "
+                  f"GB/s | dequant+matmul {ref_ms:8.4f} ms | speedup {speedup:5.2f}x over {dname}, "
+                  f"{ref_ms / ms:5.2f}x over ref  rel err {err:.1e}")
+    if small_m_speedups:
+        geo = float(np.exp(np.mean(np.log(small_m_speedups))))
+        print(f"  M <= 8: speedup over the 16-bit matmul min {min(small_m_speedups):.2f}x, geometric mean "
+              f"{geo:.2f}x (target >= 1.6x on an H100)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["vit", "decode", "prefill", "unshuffle", "tile"], default=None)
+    parser.add_argument("--only", choices=["vit", "decode", "prefill", "unshuffle", "tile", "w8a16"], default=None)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter (no timings)")
     args = parser.parse_args(argv)
@@ -340,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     benches = {"vit": lambda: bench_vit_attention(dtype, shapes), "decode": lambda: bench_paged_decode(dtype, shapes),
                "prefill": lambda: bench_paged_prefill(dtype, shapes),
-               "unshuffle": lambda: bench_pixel_unshuffle(dtype, shapes), "tile": lambda: bench_tile_norm(shapes)}
+               "unshuffle": lambda: bench_pixel_unshuffle(dtype, shapes), "tile": lambda: bench_tile_norm(shapes),
+               "w8a16": lambda: bench_w8a16(dtype, shapes)}
     for name, bench in benches.items():
         if args.only in (None, name):
             bench()

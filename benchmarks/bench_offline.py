@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the tiny demo checkpoint)")
     parser.add_argument("--preset", default=None, choices=MODEL_PRESETS)
     parser.add_argument("--random-weights", action="store_true", help="with --preset: real shapes, random weights")
+    parser.add_argument("--quantization", default=None, choices=["int8"],
+                        help="int8: weight-only int8 Linears (a preset built int8, a float checkpoint quantized)")
     parser.add_argument("--tokenizer", default=None,
                         help="with --preset: a folder with tokenizer files (default: the tiny demo tokenizer)")
     parser.add_argument("--num-requests", type=int, default=16)
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     options = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                   max_vit_tiles_per_step=args.max_vit_tiles_per_step)
+                   max_vit_tiles_per_step=args.max_vit_tiles_per_step, load_in_8bit=args.quantization == "int8")
     start = time.perf_counter()
     if args.preset:
         if not args.random_weights:

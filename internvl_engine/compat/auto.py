@@ -26,9 +26,10 @@ class AutoModel:
         unknown = set(kwargs) - cls._IGNORED
         if unknown:
             warnings.warn(f"AutoModel.from_pretrained ignores {sorted(unknown)}", stacklevel=2)
-        if kwargs.get("load_in_8bit"):
-            raise ValueError("load_in_8bit is not supported yet; load in bfloat16 or float16")
-        model = load_model(path, dtype=torch_dtype, device=device, progress=progress, model_class=InternVLChat)
+        # load_in_8bit: int8 weights, weight-only compute (not bitsandbytes' LLM.int8; see models/int8.py). An int8
+        # checkpoint loads as int8 with or without it.
+        model = load_model(path, dtype=torch_dtype, device=device, progress=progress, model_class=InternVLChat,
+                           load_in_8bit=bool(kwargs.get("load_in_8bit")))
         model.name_or_path = str(path)
         return model.set_backend(backend)
 

@@ -73,9 +73,12 @@ class LLM:
 
     def __init__(self, model_path: str | Path | None, dtype: torch.dtype | str | None = None,
                  device: torch.device | str | None = None, preset: str | None = None, seed: int = 0,
-                 tokenizer: str | Path | Tokenizer | None = None, **options: Any) -> None:
+                 tokenizer: str | Path | Tokenizer | None = None, load_in_8bit: bool = False,
+                 **options: Any) -> None:
         """model_path: an official checkpoint folder; or None with `preset` for the real shapes with random weights
-        built on the device (benchmarks), and `tokenizer`, a folder with the tokenizer files to use with them."""
+        built on the device (benchmarks), and `tokenizer`, a folder with the tokenizer files to use with them.
+        load_in_8bit: int8 Linears (weight-only compute, models/int8.py): a float checkpoint is quantized while it
+        loads, a preset is built with int8 weights; an int8 checkpoint is int8 either way."""
         config = EngineConfig(**options)
         device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
@@ -87,11 +90,11 @@ class LLM:
                 raise ValueError(f"preset={preset!r} has random weights and no tokenizer: pass tokenizer=PATH, a folder "
                                  "with tokenizer.model and the InternVL added tokens (a real checkpoint's, or "
                                  "internvl_engine.testing's tiny one)")
-            model = build_random_model(preset, target, device, seed)
+            model = build_random_model(preset, target, device, seed, int8=load_in_8bit)
         elif model_path is None:
             raise ValueError("LLM needs a checkpoint path, or preset=... for random weights")
         else:
-            model = load_model(model_path, dtype=target, device=device)
+            model = load_model(model_path, dtype=target, device=device, load_in_8bit=load_in_8bit)
             tokenizer = tokenizer if tokenizer is not None else model_path
         if isinstance(tokenizer, (str, Path)):
             tokenizer = load_tokenizer(tokenizer)  # InternLM2's or the Llama-style one (Phi-3), as the files say

@@ -39,12 +39,22 @@ class InternVLChatModel(nn.Module):
         self.system_message: str | None = config.system_message
         self.img_context_token_id: int | None = None
         self.backend = "auto"
+        self.int8_linears: list[str] = []  # Linears holding int8 weights (an int8 checkpoint, or load_in_8bit)
+        self.quantization_config: dict | None = None  # config.json's, as the checkpoint states it
+
+    @property
+    def weight_dtype(self) -> str:
+        """How the weights are held: the model dtype, or int8 weight-only with activations in it."""
+        dtype = str(self.dtype).replace("torch.", "")
+        return f"int8 weight-only ({dtype} activations)" if self.int8_linears else dtype
 
     def set_backend(self, backend: str) -> "InternVLChatModel":
         """"torch" (the reference), "triton" (the kernels), or "auto" (triton on CUDA, torch elsewhere)."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
+        for name in self.int8_linears:
+            self.get_submodule(name).backend = backend
         return self
 
     def resolved_backend(self) -> str:
@@ -54,11 +64,11 @@ class InternVLChatModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.language_model.output.weight.dtype
+        return self.language_model.final_norm.weight.dtype  # a norm: never int8
 
     @property
     def device(self) -> torch.device:
-        return self.language_model.output.weight.device
+        return self.language_model.final_norm.weight.device
 
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [tiles, 3, 448, 448] -> visual tokens [tiles, 256, llm_hidden].

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, InternVLConfig
+from .int8 import default_int8_targets
 from .internvl_chat import InternVLChatModel
 from .weights import load_checkpoint
 
@@ -45,9 +46,13 @@ def find_token_id(folder: Path, token: str) -> int | None:
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
-               progress: bool | None = None, model_class: type[InternVLChatModel] = InternVLChatModel
-               ) -> InternVLChatModel:
-    """Read config.json, build the model on the meta device, stream the weights onto `device` in `dtype`."""
+               progress: bool | None = None, model_class: type[InternVLChatModel] = InternVLChatModel,
+               load_in_8bit: bool = False) -> InternVLChatModel:
+    """Read config.json, build the model on the meta device, stream the weights onto `device` in `dtype`.
+
+    An int8 checkpoint (bitsandbytes format) loads its int8 Linears as such; `load_in_8bit` quantizes a float
+    checkpoint's Linears while loading (transformers' choice of modules, or the config's
+    `quantization_config.llm_int8_skip_modules`), and changes nothing on an int8 checkpoint."""
     folder = Path(path)
     if not folder.exists():
         raise FileNotFoundError(f"checkpoint path {str(folder)!r} does not exist")
@@ -56,7 +61,11 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     device = torch.device(device) if device is not None else torch.device("cpu")
     with torch.device("meta"):
         model = model_class(config)
-    load_checkpoint(model, folder, target, device, progress=progress)
+    quantization = config.extra.get("quantization_config")
+    skip = quantization.get("llm_int8_skip_modules") if isinstance(quantization, dict) else None
+    quantize = default_int8_targets(model, skip) if load_in_8bit else ()
+    model.int8_linears = load_checkpoint(model, folder, target, device, progress=progress, quantize=quantize)
+    model.quantization_config = quantization if isinstance(quantization, dict) else None
     model.img_context_token_id = find_token_id(folder, "<IMG_CONTEXT>")
     if model.img_context_token_id is None:
         raise ConfigError(f"{folder}: the tokenizer files do not define the '<IMG_CONTEXT>' token")

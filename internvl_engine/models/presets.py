@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..config import InternVLConfig
+from .int8 import convert_linears, default_int8_targets
 from .internvl_chat import InternVLChatModel
 
 _V15 = {
@@ -72,7 +73,13 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     generator.manual_seed(seed)
     for name, param in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("ls1", "ls2"):
+        if param.dtype == torch.int8:  # int8 rows spanning [-127, 127]: with SCB 0.035, weights of std ~0.02
+            param.copy_(torch.randint(-127, 128, param.shape, generator=generator, device=device, dtype=torch.int8))
+        elif leaf == "SCB":
+            param.fill_(0.035)
+        elif leaf == "weight_format":
+            param.zero_()
+        elif leaf in ("ls1", "ls2"):
             param.fill_(0.1)
         elif "norm" in name and leaf == "weight" or name.startswith("mlp1.0.") and leaf == "weight":
             param.fill_(1.0)
@@ -84,10 +91,19 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def build_random_model(name: str, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
-                       model_class: type[InternVLChatModel] = InternVLChatModel) -> InternVLChatModel:
-    """The preset's model with random weights, allocated directly on `device` (no host copy)."""
+                       model_class: type[InternVLChatModel] = InternVLChatModel, int8: bool = False
+                       ) -> InternVLChatModel:
+    """The preset's model with random weights, allocated directly on `device` (no host copy); with `int8`, its
+    Linears int8 as `load_in_8bit` would make them (the real footprint of an Int8 checkpoint)."""
     config = preset_config(name)
     with torch.device("meta"):
         model = model_class(config)
-    model = model.to(dtype=dtype).to_empty(device=device)  # meta -> dtype is free; then one allocation
+    targets = default_int8_targets(model) if int8 else []
+    convert_linears(model, targets)
+    model = model.to(dtype=dtype)  # meta -> dtype is free (floating parameters only)
+    for target in targets:  # keep the int8 layers' own dtypes (SCB float32)
+        layer = model.get_submodule(target)
+        layer.SCB = torch.nn.Parameter(torch.empty_like(layer.SCB, dtype=torch.float32), requires_grad=False)
+    model = model.to_empty(device=device)  # one allocation
+    model.int8_linears = targets
     return randomize_(model, seed).eval()

@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import Iterable
+
 import torch
 from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
+
+from .int8 import Int8FormatError, convert_linears, quantize_rows
 
 
 class WeightLoadError(ValueError):
@@ -64,16 +68,24 @@ def _index_shards(shards: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]
 
 
 def load_checkpoint(model: nn.Module, folder: str | Path, dtype: torch.dtype, device: torch.device | str,
-                    progress: bool | None = None) -> None:
-    """Fill every parameter of `model` (built on the meta device) from the checkpoint's shards.
+                    progress: bool | None = None, quantize: Iterable[str] = ()) -> list[str]:
+    """Fill every parameter of `model` (built on the meta device) from the checkpoint's shards; returns the names
+    of the Linears that hold int8 weights.
 
-    progress: None shows the bar only for checkpoints over 1 GiB.
+    A Linear is int8 iff the checkpoint has `<name>.SCB` (bitsandbytes format, see `models/int8.py`); it becomes
+    an `Int8Linear` before loading. `quantize`: float Linears to quantize while streaming (`load_in_8bit`), each
+    weight as it is read, so host memory stays near one tensor. progress: None shows the bar only above 1 GiB.
     """
     folder = Path(folder)
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     shards = list_shards(folder)
     total = sum(path.stat().st_size for path in shards)
     located = _index_shards(shards)
+    stored_int8 = sorted(name[: -len(".SCB")] for name in located if name.endswith(".SCB"))
+    convert_linears(model, stored_int8)
+    to_quantize = sorted(set(quantize) - set(stored_int8))
+    convert_linears(model, to_quantize)
+    synthesized = {f"{name}.{leaf}" for name in to_quantize for leaf in ("SCB", "weight_format")}
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters() if name not in synthesized}
     unexpected = sorted(set(located) - set(expected))
     if unexpected:
         raise WeightLoadError(f"checkpoint has {len(unexpected)} unexpected tensor(s) the config does not "
@@ -85,6 +97,7 @@ def load_checkpoint(model: nn.Module, folder: str | Path, dtype: torch.dtype, de
         if shape != expected[name]:
             raise WeightLoadError(f"tensor '{name}' in {path.name} has shape {list(shape)}, "
                                   f"the config implies {list(expected[name])}")
+    quantizing = set(to_quantize)
     show = progress if progress is not None else total > 2**30
     with tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, unit_divisor=1024,
               disable=not show) as bar:
@@ -93,6 +106,22 @@ def load_checkpoint(model: nn.Module, folder: str | Path, dtype: torch.dtype, de
                 for name in handle.keys():
                     raw = handle.get_tensor(name)
                     module, leaf = _split_name(model, name)
-                    setattr(module, leaf, nn.Parameter(raw.to(device=device, dtype=dtype), requires_grad=False))
+                    module_name = name[: -len(leaf) - 1]
+                    if leaf == "weight_format" and int(raw) != 0:
+                        raise Int8FormatError(f"'{name}' is {int(raw)}: only row-major int8 weights (weight_format 0) "
+                                              "are supported; tile layouts 1-3 come from old bitsandbytes releases")
+                    if module_name in quantizing and leaf == "weight":
+                        weight, scb = quantize_rows(raw.to(device))
+                        _set(module, "weight", weight)
+                        _set(module, "SCB", scb)
+                        _set(module, "weight_format", torch.zeros((), dtype=torch.uint8, device=device))
+                    else:
+                        target = getattr(module, "fixed_dtypes", {}).get(leaf, dtype)
+                        _set(module, leaf, raw.to(device=device, dtype=target))
                     bar.update(raw.numel() * raw.element_size())
         bar.update(total - bar.n)  # the shards' headers
+    return sorted(stored_int8 + to_quantize)
+
+
+def _set(module: nn.Module, leaf: str, value: torch.Tensor) -> None:
+    setattr(module, leaf, nn.Parameter(value, requires_grad=False))

@@ -178,7 +178,8 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
         max_model_len = engine.llm.scheduler.config.max_model_len
         return JSONResponse({"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "internvl-engine",
-             "max_model_len": max_model_len} for name in config.served_model_names]})
+             "max_model_len": max_model_len, "weight_dtype": engine.llm.model.weight_dtype}
+            for name in config.served_model_names]})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

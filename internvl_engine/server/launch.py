@@ -20,6 +20,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--preset", default=None, choices=MODEL_PRESETS,
                        help="with --random-weights: the real shapes, random weights (benchmarks)")
     model.add_argument("--random-weights", action="store_true")
+    model.add_argument("--quantization", default=None, choices=["int8"],
+                       help="int8: weight-only int8 Linears (quantized while loading a float checkpoint; a preset is "
+                       "built int8). An int8 (bitsandbytes) checkpoint is int8 without it")
+    model.add_argument("--load-in-8bit", dest="quantization", action="store_const", const="int8",
+                       help="the same as --quantization int8 (the model card's name)")
     model.add_argument("--tokenizer", default=None,
                        help="with --preset: a folder with the tokenizer files (default: the tiny demo tokenizer)")
     model.add_argument("--served-model-name", default=None,
@@ -109,7 +114,8 @@ def build_engine(args: argparse.Namespace):
                    feature_cache_bytes=args.feature_cache_bytes, max_image_pixels=args.max_image_pixels,
                    max_image_side=args.max_image_side, max_image_aspect_ratio=args.max_image_aspect_ratio,
                    max_images_per_request=args.max_images_per_request, max_prompt_chars=args.max_prompt_chars,
-                   enable_prefix_caching=not args.no_prefix_caching, backend=args.backend)
+                   enable_prefix_caching=not args.no_prefix_caching, backend=args.backend,
+                   load_in_8bit=args.quantization == "int8")
     if args.model:
         path = Path(args.model)
         llm, name = LLM(path, dtype=args.dtype, device=args.device, **options), path.resolve().name

@@ -18,5 +18,6 @@ def test_bench_kernels_smoke(capsys, monkeypatch):
     assert module.main(["--smoke"]) == 0
     out = capsys.readouterr().out
     assert "bit-identical to the official recipe: True" in out
-    for section in ("ViT attention", "paged decode", "paged prefill", "pixel unshuffle", "tile normalisation"):
+    for section in ("ViT attention", "paged decode", "paged prefill", "pixel unshuffle", "tile normalisation",
+                    "w8a16 weight-only int8 GEMM"):
         assert section in out

@@ -23,7 +23,8 @@ How:
   make sure ptxas really runs.
 * No GPU is needed, and a present one is not used: the target is always sm_90.
 
-One representative configuration per kernel path and dtype (not every combination), about 20 compilations.
+One representative configuration per kernel path and dtype (not every combination); identical specialisations
+(e.g. the w8a16 decode shapes whose sizes are all multiples of 16) are compiled once.
 """
 from __future__ import annotations
 
@@ -110,6 +111,35 @@ CONFIGS = [
          kernels=["_first_pass_kernel", "_second_pass_norm_kernel"]),
     dict(id="tile_norm-1000x4000-bf16", build="tile_norm", params=dict(width=1000, height=4000, out="bf16"),
          kernels=["_first_pass_kernel", "_second_pass_norm_kernel"]),
+    # Weight-only int8 GEMM (bitsandbytes int8 checkpoints), K -> N. InternLM2-20B decode (M 1 and 8: the GEMV /
+    # split-K path, 64-column blocks short of the 132 x 4 CTA slots, so K is split and the reduce pass runs): wqkv
+    # 6144 -> 8192 (4 slices), w1 6144 -> 16384 (2), w2 16384 -> 6144 (5); the LM head 6144 -> 92553 (odd N, one
+    # slice: the GEMM kernel writes `out`). Prefill (M 2048: 128 x 128 tiles), a 128-token chunk (64 x 64 tiles)
+    # and 32 tokens over w2 (64 x 64 tiles, split-K: the reduce pass with 16-row tiles); InternViT-6B fc1 over
+    # 13 tiles (M 13325, 3200 -> 12800, with bias); the LM head at M 2048.
+    *[dict(id=f"w8a16-20B-{name}-M{m}-{dtype}", build="w8a16_gemm", params=dict(dtype=dtype, M=m, K=k, N=n),
+           kernels=kernels)
+      for dtype in ("bf16", "fp16") for m in (1, 8)
+      for name, k, n, kernels in (
+          ("wqkv", 6144, 8192, ["_w8a16_gemm_kernel", "_w8a16_splitk_reduce_kernel"]),
+          ("w1", 6144, 16384, ["_w8a16_gemm_kernel", "_w8a16_splitk_reduce_kernel"]),
+          ("w2", 16384, 6144, ["_w8a16_gemm_kernel", "_w8a16_splitk_reduce_kernel"]),
+          ("lm_head", 6144, 92553, ["_w8a16_gemm_kernel"]))],
+    *[dict(id=f"w8a16-{name}-{dtype}", build="w8a16_gemm", params=dict(dtype=dtype, M=m, K=k, N=n, bias=bias),
+           kernels=kernels)
+      for dtype in ("bf16", "fp16")
+      for name, m, k, n, bias, kernels in (
+          ("20B-prefill-wqkv-M2048", 2048, 6144, 8192, False, ["_w8a16_gemm_kernel"]),
+          ("20B-prefill-w2-M2048", 2048, 16384, 6144, False, ["_w8a16_gemm_kernel"]),
+          ("20B-prefill-wqkv-M128", 128, 6144, 8192, False, ["_w8a16_gemm_kernel"]),
+          ("20B-prefill-w2-M32", 32, 16384, 6144, False, ["_w8a16_gemm_kernel", "_w8a16_splitk_reduce_kernel"]),
+          ("20B-prefill-lm_head-M2048", 2048, 6144, 92553, False, ["_w8a16_gemm_kernel"]),
+          ("vit6B-fc1-13tiles", 13 * 1025, 3200, 12800, True, ["_w8a16_gemm_kernel"]))],
+    # fp32 x (IEEE dots, un-swapped; not an engine path, but it must build): decode with split-K, a prefill chunk.
+    dict(id="w8a16-20B-wqkv-M8-fp32", build="w8a16_gemm", params=dict(dtype="fp32", M=8, K=6144, N=8192),
+         kernels=["_w8a16_gemm_kernel", "_w8a16_splitk_reduce_kernel"]),
+    dict(id="w8a16-20B-prefill-wqkv-M128-fp32", build="w8a16_gemm",
+         params=dict(dtype="fp32", M=128, K=6144, N=8192, bias=True), kernels=["_w8a16_gemm_kernel"]),
 ]
 
 # Local memory (bytes of spill stores, spill loads, stack frame) a kernel may use on purpose, keyed by kernel
@@ -246,6 +276,19 @@ def build_tile_norm(width, height, out, size=448, max_num=12):
                 mod._resize_into(image, out_t, lut, 1, 1, size, plan.num_tiles - 1)
     finally:
         mod._block_shape = block_shape
+    return calls
+
+
+def build_w8a16_gemm(dtype, M, K, N, bias=False):
+    from internvl_engine.kernels import w8a16_gemm as mod
+    dt = DTYPES[dtype]
+    x = torch.empty(M, K, dtype=dt, device=META)
+    weight = torch.empty(N, K, dtype=torch.int8, device=META)
+    scb = torch.empty(N, dtype=torch.float32, device=META)
+    b = torch.empty(N, dtype=dt, device=META) if bias else None
+    # Not CUDA tensors -> the split-K choice assumes the H100 SXM's 132 SMs (_DEFAULT_SMS).
+    with intercept(mod, "_w8a16_gemm_kernel", "_w8a16_splitk_reduce_kernel") as calls:
+        mod.w8a16_linear(x, weight, scb, b)
     return calls
 
 
