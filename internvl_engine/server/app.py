@@ -112,6 +112,10 @@ def json_too_deep(value: Any, limit: int) -> bool:
 
 
 async def _read_json(request: Request, config: ServerConfig) -> Any:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind and kind != "application/json" and not kind.endswith("+json"):
+        raise APIError(415, f"the request body must be JSON (Content-Type: application/json), got {kind[:80]!r}",
+                       code="unsupported_media_type")
     try:
         body = await asyncio.wait_for(_read_body(request, config.max_request_bytes), config.body_timeout_s)
     except asyncio.TimeoutError:
@@ -173,13 +177,21 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "internvl-engine",
+                "max_model_len": engine.llm.scheduler.config.max_model_len,
+                "weight_dtype": engine.llm.model.weight_dtype}
+
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        max_model_len = engine.llm.scheduler.config.max_model_len
-        return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "internvl-engine",
-             "max_model_len": max_model_len, "weight_dtype": engine.llm.model.weight_dtype}
-            for name in config.served_model_names]})
+        return JSONResponse({"object": "list", "data": [model_card(name) for name in config.served_model_names]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> JSONResponse:
+        if model_id not in config.served_model_names:
+            raise APIError(404, f"model {model_id[:100]!r} is not served here; available: "
+                           f"{', '.join(config.served_model_names)}", param="model", code="model_not_found")
+        return JSONResponse(model_card(model_id))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

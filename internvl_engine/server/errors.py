@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error",
+          405: "invalid_request_error", 413: "request_too_large", 415: "invalid_request_error", 429: "rate_limit_error",
           500: "internal_server_error", 503: "service_unavailable"}
 
 

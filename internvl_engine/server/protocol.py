@@ -102,7 +102,11 @@ def _check_messages(messages: Any, limits: RequestLimits) -> list[dict]:
                 chars += len(part["text"])
                 continue
             url = part.get("image_url") if kind == "image_url" else None
-            url = url.get("url") if isinstance(url, dict) else url
+            if kind == "image_url" and not isinstance(url, dict):  # OpenAI's form: {"url": "..."}, not a string
+                raise APIError(400, f"{where}.content[{number}].image_url must be an object "
+                               '{"url": "data:image/...;base64,..."}, got ' f"{type(url).__name__}",
+                               param=f"{where}.content[{number}].image_url")
+            url = url.get("url") if isinstance(url, dict) else None
             if kind == "image_url" and isinstance(url, str):
                 if message["role"] != "user":
                     raise APIError(400, f"{where}: images are only accepted in user messages", param=where)
@@ -160,6 +164,8 @@ def parse_chat_request(body: Any, served_models: tuple[str, ...], limits: Reques
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, f"stream must be a boolean, got {stream!r:.50}", param="stream")
+    if body.get("stream_options") is not None and not stream:
+        raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise APIError(400, "stream_options must be an object with a boolean include_usage", param="stream_options")
