@@ -418,6 +418,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter (no timings)")
     args = parser.parse_args(argv)
     if args.smoke:
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" and argv is None:
+            # Triton reads TRITON_INTERPRET when it is imported: run this script again with it set
+            print("no GPU: re-running under Triton's interpreter (TRITON_INTERPRET=1)", file=sys.stderr, flush=True)
+            os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "TRITON_INTERPRET": "1"})
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             print("--smoke without a GPU needs TRITON_INTERPRET=1 set before Python starts")
             return 1

@@ -9,7 +9,8 @@ Reports requests/s, output tokens/s, TTFT and TPOT percentiles, ViT tiles/s, and
 spent in preprocessing, ViT, prefill steps and decode-only steps. With --vit-budgets, instead, the 4K-image
 study (benchmarks/vit_stall.py): one 3840x2160 request (41 tiles) arriving beside 8 decoding text streams, its
 TTFT split into preprocessing, queue, ViT and prefill + first token, and the streams' inter-token latency while
-it is encoded, per ViT tile budget; a Markdown table and a PNG. Record GPU results in RESULTS.md.
+it is encoded, per ViT tile budget; a Markdown table and a PNG (benchmarks/results/vit_stall.png unless --plot
+says otherwise). Progress bars go to stderr (--no-progress hides them). Record GPU results in RESULTS.md.
 """
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_dir import default_output, prepare_output  # noqa: E402
 
 
 def synthetic(width: int, height: int, seed: int) -> Image.Image:
@@ -43,8 +46,7 @@ def percentiles(values: list[float]) -> str:
     return f"mean {statistics.mean(ordered) * 1e3:8.1f}  p50 {pick(0.5) * 1e3:8.1f}  p99 {pick(0.99) * 1e3:8.1f} ms"
 
 
-def main(argv: list[str] | None = None) -> int:
-    from internvl_engine import LLM, SamplingParams
+def build_parser() -> argparse.ArgumentParser:
     from internvl_engine.config import MODEL_PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -69,7 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vit-budgets", default=None,
                         help="comma list of ViT tiles per step: run the 4K-image study instead (e.g. 4,8,16,48)")
     parser.add_argument("--streams", type=int, default=8, help="decoding text streams beside the 4K request")
-    parser.add_argument("--plot", default="vit_stall.png", help="the study's PNG (default %(default)s)")
+    parser.add_argument("--plot", default=default_output("vit_stall.png"),
+                        help="the study's PNG (default %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from internvl_engine import LLM, SamplingParams
+
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     options = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -81,12 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         from internvl_engine.testing.checkpoint_builder import ensure_tiny_tokenizer
 
         llm = LLM(None, dtype=args.dtype, device=args.device, preset=args.preset,
-                  tokenizer=args.tokenizer or ensure_tiny_tokenizer(preset=args.preset), **options)
+                  tokenizer=args.tokenizer or ensure_tiny_tokenizer(preset=args.preset),
+                  progress=not args.no_progress, **options)
     else:
         from internvl_engine.testing.checkpoint_builder import ensure_tiny_checkpoint
 
         llm = LLM(args.model or ensure_tiny_checkpoint("internvl-chat-v1-5", seed=0), dtype=args.dtype,
-                  device=args.device, **options)
+                  device=args.device, progress=not args.no_progress, **options)
     load_seconds = time.perf_counter() - start
     if args.vit_budgets:
         return vit_study(llm, args, load_seconds)
@@ -95,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.image_sizes.split(",") if s]
     low, high = (int(v) for v in args.output_len.split(","))
     requests, params = [], []
-    for i in range(args.num_requests):
+    for i in tqdm(range(args.num_requests), desc="synthetic images", unit="req", disable=args.no_progress or not sizes):
         images = [synthetic(*rng.choice(sizes), seed=args.seed * 1000 + i * 10 + j)
                   for j in range(args.images_per_request)] if sizes else []
         tags = "".join(f"Image-{j + 1}: <image>\n" for j in range(len(images)))
@@ -104,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         params.append(SamplingParams(max_tokens=rng.randint(low, high), temperature=0.0, ignore_eos=True))
 
     start = time.perf_counter()
-    outputs = llm.generate(requests, params, use_tqdm=False)
+    outputs = llm.generate(requests, params, use_tqdm=not args.no_progress)
     elapsed = time.perf_counter() - start
     failed = [o for o in outputs if o.error]
     done = [o for o in outputs if not o.error]
@@ -131,9 +143,9 @@ def vit_study(llm, args: argparse.Namespace, load_seconds: float) -> int:
     print(f"device {llm.runner.device}, dtype {llm.model.dtype}, load {load_seconds:.1f} s; one 3840x2160 request "
           f"(max {args.max_tiles} tiles) beside {args.streams} decoding streams")
     rows = run_study(llm, budgets, lambda index: synthetic(3840, 2160, seed=args.seed * 1000 + index),
-                     args.max_tiles, num_streams=args.streams)
+                     args.max_tiles, num_streams=args.streams, progress=not args.no_progress)
     print(table(rows))
-    saved = plot(rows, args.plot)
+    saved = plot(rows, str(prepare_output(args.plot)))
     print(f"plot: {saved}" if saved else "plot: matplotlib not installed")
     return 0
 

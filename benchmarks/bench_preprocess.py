@@ -7,7 +7,9 @@ left out). Both paths run on the same input, from an in-memory PIL image and fro
 max_num 12 (4x2 grid + thumbnail = 9 tiles) and 40 (7x4 + thumbnail = 29 tiles); outputs are checked
 for bit equality before timing.
 
-    python benchmarks/bench_preprocess.py [--repeat N] [--workers W]
+    python benchmarks/bench_preprocess.py [--repeat N] [--workers W] [--no-progress]
+
+While a cell is timed, a tqdm bar on stderr counts its rounds (cleared when its row is printed).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 if __package__ in (None, ""):  # run as a script from a checkout that is not pip-installed
     import sys
@@ -64,19 +67,24 @@ def seed_load_image(image_file: str | Path | Image.Image, input_size: int = 448,
     return torch.stack(pixel_values)
 
 
-def interleaved_medians_ms(functions: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+def interleaved_medians_ms(functions: dict[str, Callable[[], object]], repeat: int, progress: bool = False,
+                           desc: str = "rounds") -> dict[str, float]:
     """Median wall time of each function in milliseconds, after two warm-up rounds (the first calls
     of a new size page-fault their fresh buffers in, which takes seconds on some VMs). The functions
-    take turns in every round, so a slow spell of a shared machine hits all of them alike."""
+    take turns in every round, so a slow spell of a shared machine hits all of them alike.
+    progress: a transient tqdm bar on stderr over the rounds (warm-up included), updated between rounds."""
     times: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(2):
-        for function in functions.values():
-            function()
-    for _ in range(repeat):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - start)
+    with tqdm(total=2 + repeat, desc=desc, unit="round", leave=False, disable=not progress) as bar:
+        for _ in range(2):
+            for function in functions.values():
+                function()
+            bar.update(1)
+        for _ in range(repeat):
+            for name, function in functions.items():
+                start = time.perf_counter()
+                function()
+                times[name].append(time.perf_counter() - start)
+            bar.update(1)
     return {name: statistics.median(samples) * 1e3 for name, samples in times.items()}
 
 
@@ -84,6 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=9, help="timed rounds per cell (median reported)")
     parser.add_argument("--workers", type=int, default=None, help="load_image threads (default: up to 4 CPUs)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     args = parser.parse_args()
 
     image = synthetic_image()
@@ -112,7 +121,7 @@ def main() -> None:
                     "seed": lambda: seed_load_image(source, max_num=max_num),
                     "single": lambda: load_image(source, max_num=max_num, workers=1),
                     "engine": lambda: load_image(source, max_num=max_num, workers=args.workers),
-                }, args.repeat)
+                }, args.repeat, progress=not args.no_progress, desc=f"{source_name}, max_num {max_num}")
                 seed, single, engine = ms["seed"], ms["single"], ms["engine"]
                 print(f"{source_name:<10} {max_num:>7} {expected.shape[0]:>5} {seed:>8.1f} {single:>16.1f} "
                       f"{engine:>17.1f} {seed / engine:>7.2f}x")

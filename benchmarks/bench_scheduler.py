@@ -5,7 +5,9 @@ token per step. What is timed is everything the engine does on the host between 
 the tensor copies: the schedule, the flat batch metadata (token ids, positions, slot mapping, block tables)
 and the bookkeeping after sampling. At a 12.9 ms decode floor, 1 ms of host work would already cost ~8%.
 
-    python benchmarks/bench_scheduler.py [--num-seqs 256] [--steps 1000] [--block-size 16]
+    python benchmarks/bench_scheduler.py [--num-seqs 256] [--steps 1000] [--block-size 16] [--no-progress]
+
+tqdm bars on stderr follow the prefill and the timed steps (updated outside the timed part of a step).
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import random
 import statistics
 import time
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 if __package__ in (None, ""):  # run as a script from a checkout that is not pip-installed
     import sys
@@ -29,7 +33,7 @@ from internvl_engine.engine.scheduler import Scheduler, SchedulerConfig  # noqa:
 IMAGE_TOKEN = 92546  # <IMG_CONTEXT> in InternLM2's vocabulary
 
 
-def build(args: argparse.Namespace) -> tuple[Scheduler, list[Request]]:
+def build(args: argparse.Namespace, progress: bool = False) -> tuple[Scheduler, list[Request]]:
     rng = random.Random(args.seed)
     # Prompts are drawn so that every context stays within [min_context, max_context] for the whole run.
     if args.max_context - args.steps <= args.min_context:
@@ -51,13 +55,19 @@ def build(args: argparse.Namespace) -> tuple[Scheduler, list[Request]]:
         request = Request(f"request-{index}", prompt[:length], max_context - length, images=[image])
         scheduler.add_request(request)
         requests.append(request)
-    while any(request.num_computed_tokens < request.num_tokens - 1 for request in requests):  # prefill
-        output = scheduler.schedule()
-        held.update(tile_slice.image.content_hash for tile_slice in output.tiles_to_encode)
-        features = {c.request.request_id: {image.content_hash: range(image.num_tokens) for image in c.request.images}
-                    for c in output.chunks}  # stand-ins: the prefill only needs something to slice
-        batch = build_batch(output.chunks, args.block_size, features)
-        scheduler.update(output, {request_id: 13 for request_id in batch.logit_request_ids}, set())
+    with tqdm(total=len(requests), desc="prefill", unit="seq", disable=not progress) as bar:
+        while True:  # prefill, until every request is decoding
+            prefilled = sum(request.num_computed_tokens >= request.num_tokens - 1 for request in requests)
+            bar.update(prefilled - bar.n)
+            if prefilled == len(requests):
+                break
+            output = scheduler.schedule()
+            held.update(tile_slice.image.content_hash for tile_slice in output.tiles_to_encode)
+            features = {c.request.request_id: {image.content_hash: range(image.num_tokens)
+                                               for image in c.request.images}
+                        for c in output.chunks}  # stand-ins: the prefill only needs something to slice
+            batch = build_batch(output.chunks, args.block_size, features)
+            scheduler.update(output, {request_id: 13 for request_id in batch.logit_request_ids}, set())
     return scheduler, requests
 
 
@@ -69,13 +79,14 @@ def main() -> None:
     parser.add_argument("--min-context", type=int, default=1024)
     parser.add_argument("--max-context", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     args = parser.parse_args()
 
-    scheduler, requests = build(args)
+    scheduler, requests = build(args, progress=not args.no_progress)
     assert scheduler.num_running == args.num_seqs
     stop_token_ids = {2, 92542}  # </s>, <|im_end|>
     totals, schedules, prepares, updates = [], [], [], []
-    for step in range(args.steps):
+    for step in tqdm(range(args.steps), desc="decode steps", unit="step", disable=args.no_progress):
         token = 1000 + step % 50_000
         start = time.perf_counter_ns()
         output = scheduler.schedule()

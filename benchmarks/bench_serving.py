@@ -11,7 +11,9 @@ Sends --num-requests streamed POST /v1/chat/completions requests (Poisson arriva
 --max-concurrency in flight), each with its own deterministic JPEG images (encoded before the timed run), and
 measures per request the time to first token (TTFT), time per output token (TPOT), inter-token latencies (ITL) and
 end-to-end latency. Prints mean/median/p99 (ms), throughputs and goodput under the given SLOs; writes per-request
-records to --result-json and a 2x2 plot to --plot. Exit status 0 when every request succeeded, 1 otherwise.
+records to --result-json and a 2x2 plot to --plot (both in benchmarks/results/ by default). Progress bars (image
+encoding, the timed requests) go to stderr; --no-progress hides them. Exit status 0 when every request
+succeeded, 1 otherwise.
 """
 from __future__ import annotations
 
@@ -34,6 +36,11 @@ from types import MappingProxyType
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_dir import default_output, prepare_output  # noqa: E402
 
 NAMED_RESOLUTIONS = MappingProxyType({"4k": (3840, 2160), "1080p": (1920, 1080), "720p": (1280, 720)})
 
@@ -350,18 +357,24 @@ async def send_request(client, url: str, body: bytes, headers: dict, index: int,
 
 
 async def run_requests(client, url: str, bodies: Sequence[bytes], offsets_s: Sequence[float], headers: dict,
-                       max_concurrency: int | None) -> tuple[list[RequestRecord], float]:
-    """Sends bodies[i] at offsets_s[i] (at most max_concurrency in flight); returns the records and the duration (s)."""
+                       max_concurrency: int | None, progress: bool = False) -> tuple[list[RequestRecord], float]:
+    """Sends bodies[i] at offsets_s[i] (at most max_concurrency in flight); returns the records and the duration (s).
+    progress: a tqdm bar on stderr over the finished requests."""
     limiter = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
+    bar = tqdm(total=len(bodies), desc="requests", unit="req", disable=not progress)
     start_s = time.perf_counter()
 
     async def one(index: int) -> RequestRecord:
         await asyncio.sleep(max(0.0, start_s + offsets_s[index] - time.perf_counter()))
         async with limiter:
-            return await send_request(client, url, bodies[index], headers, index, offsets_s[index], start_s)
+            record = await send_request(client, url, bodies[index], headers, index, offsets_s[index], start_s)
+        bar.update(1)
+        return record
 
-    records = await asyncio.gather(*(one(index) for index in range(len(bodies))))
-    return list(records), time.perf_counter() - start_s
+    with bar:
+        records = await asyncio.gather(*(one(index) for index in range(len(bodies))))
+        duration_s = time.perf_counter() - start_s
+    return list(records), duration_s
 
 
 async def benchmark(args: argparse.Namespace, base_url: str, images_b64: list[list[str]],
@@ -390,7 +403,8 @@ async def benchmark(args: argparse.Namespace, base_url: str, images_b64: list[li
         offsets_s = poisson_arrival_offsets_s(len(bodies), args.request_rate, args.seed)
         print(f"model {model}: {len(bodies)} requests, rate {args.request_rate} req/s, "
               f"max concurrency {args.max_concurrency or 'unbounded'}", flush=True)
-        records, duration_s = await run_requests(client, url, bodies, offsets_s, headers, args.max_concurrency)
+        records, duration_s = await run_requests(client, url, bodies, offsets_s, headers, args.max_concurrency,
+                                                 progress=not args.no_progress)
     return model, records, duration_s
 
 
@@ -420,8 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--slo-ttft-ms", type=float, default=None)
     add("--slo-tpot-ms", type=float, default=None)
     add("--slo-e2e-ms", type=float, default=None)
-    add("--result-json", default="bench_serving_result.json", help="'' to skip")
-    add("--plot", default="bench_serving.png", help="'' to skip")
+    add("--result-json", default=default_output("bench_serving_result.json"), help="'' to skip (default: %(default)s)")
+    add("--plot", default=default_output("bench_serving.png"), help="'' to skip (default: %(default)s)")
+    add("--no-progress", action="store_true", help="no progress bars on stderr")
     return parser
 
 
@@ -443,8 +458,10 @@ def main(argv: list[str] | None = None) -> int:
                 .decode("ascii") for j in range(images_per_request)]
 
     encode_start_s = time.perf_counter()
-    images_b64 = [images_for(slot) for slot in range(args.num_requests)]
-    warmup_images_b64 = [images_for(args.num_requests + slot) for slot in range(max(args.warmup, 0))]
+    slots = tqdm(range(args.num_requests + max(args.warmup, 0)), desc="encoding images", unit="req",
+                 disable=args.no_progress or images_per_request == 0)
+    encoded = [images_for(slot) for slot in slots]
+    images_b64, warmup_images_b64 = encoded[:args.num_requests], encoded[args.num_requests:]
     encode_s = time.perf_counter() - encode_start_s
     encoded_mb = sum(len(b64) for images in images_b64 + warmup_images_b64 for b64 in images) / 1e6
     print(f"encoded {(args.num_requests + max(args.warmup, 0)) * images_per_request} JPEG images "
@@ -469,11 +486,14 @@ def main(argv: list[str] | None = None) -> int:
         result = {"date": datetime.now().astimezone().isoformat(timespec="seconds"), "base_url": base_url,
                   "model": model, "config": config, "image_encode_s": encode_s, "summary": summary,
                   "requests": [asdict(record) for record in records]}
-        Path(args.result_json).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.result_json}")
-    if args.plot and write_plot(records, args.plot, f"{model} @ {base_url}: {len(records)} requests, "
-                                                    f"rate {args.request_rate}, concurrency {args.max_concurrency}"):
-        print(f"wrote {args.plot}")
+        result_path = prepare_output(args.result_json)
+        result_path.write_text(json.dumps(result, indent=2))
+        print(f"wrote {result_path}")
+    if args.plot:
+        plot_path = prepare_output(args.plot)
+        if write_plot(records, str(plot_path), f"{model} @ {base_url}: {len(records)} requests, "
+                                               f"rate {args.request_rate}, concurrency {args.max_concurrency}"):
+            print(f"wrote {plot_path}")
     return 0 if summary["failed"] == 0 else 1
 
 

@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable
 
 from PIL import Image
+from tqdm.auto import tqdm
 
 
 @dataclasses.dataclass
@@ -87,9 +88,10 @@ def run_budget(llm: Any, budget: int, image: Image.Image, max_tiles: int, num_st
 
 
 def run_study(llm: Any, budgets: list[int], make_image: Callable[[int], Image.Image], max_tiles: int,
-              num_streams: int = 8, warm_steps: int = 16) -> list[StallRow]:
+              num_streams: int = 8, warm_steps: int = 16, progress: bool = False) -> list[StallRow]:
+    """One row per budget, in order; progress: a tqdm bar on stderr over the budgets."""
     rows = []
-    for index, budget in enumerate(budgets):
+    for index, budget in enumerate(tqdm(budgets, desc="ViT budgets", unit="budget", disable=not progress)):
         rows.append(run_budget(llm, budget, make_image(index), max_tiles, num_streams, warm_steps, f"run {index}"))
     return rows
 
@@ -109,7 +111,8 @@ def table(rows: list[StallRow]) -> str:
 
 
 def plot(rows: list[StallRow], path: str) -> str | None:
-    """TTFT split (stacked bars) and the streams' ITL while the image is encoded, per budget; None without
+    """TTFT split (stacked bars) and the streams' ITL while the image is encoded, per budget, written to `path`
+    (its folder must exist; bench_offline passes benchmarks/results/vit_stall.png by default); None without
     matplotlib."""
     try:
         import matplotlib

@@ -46,6 +46,8 @@ def test_chat_command_reports_bad_input(tmp_path, capsys):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     code = main(["chat", "--model", str(checkpoint(MODELS[0])), "--image", str(bad), "Describe."])
-    assert code == 2
-    assert "error" in capsys.readouterr().err
-    assert main(["chat", "--model", str(tmp_path / "missing"), "Hi"]) == 2
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("internvl-engine: error: image 1: ") and "broken.png" in err and err.count("\n") == 1, err
+    assert main(["chat", "--model", str(tmp_path / "missing"), "Hi"]) == 1
+    assert capsys.readouterr().err.startswith("internvl-engine: error: checkpoint path ")

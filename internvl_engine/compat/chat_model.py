@@ -85,6 +85,8 @@ class InternVLChat(InternVLChatModel):
                 held = llm.block_manager.num_blocks if llm is not None and self._llm_key == key else 0
                 wanted = max(blocks, 2 * held, _MIN_BLOCKS) + 1  # + the static decode's scratch block
                 options["kv_cache_bytes"] = wanted * LLM.kv_cache_bytes_per_block(self, block_size)
+                # the engine refuses a max_model_len its cache cannot hold; this call's rows fit in what it holds
+                options.setdefault("max_model_len", min(self.max_context_length, (wanted - 1) * block_size))
             options = {"max_num_seqs": 256, "max_waiting": 1 << 30,
                        "max_model_len": self.max_context_length, **options}
             self._llm = None  # free the old cache before allocating the new one

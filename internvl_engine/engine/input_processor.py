@@ -4,6 +4,7 @@ A request is one of (a plain string is a "prompt"):
 - {"prompt": question, "images": [paths, bytes, PIL images, data URLs], "max_tiles": n}: one chat turn, built
   as `model.chat(..., history=None)` builds it;
 - {"messages": OpenAI-style messages, "max_tiles": n}: the conversation's turns, images where they stand;
+- {"text": string}: a prompt tokenised as it is, with no chat template (the tokenizer adds BOS): /v1/completions;
 - {"prompt_token_ids": ids, "pixel_values": [[tiles, 3, S, S] per image], "left_padding": n}: a tokenised
   prompt whose `<IMG_CONTEXT>` runs are filled, in order, by the images' tiles (256 tokens each), or by
   "image_features" ([tokens, hidden] per image, ViT already run). `left_padding` is the padding the prompt
@@ -54,8 +55,12 @@ class ProcessedInput:
     left_padding: int = 0
 
 
-def _messages_to_turns(messages: Sequence[Mapping[str, Any]]) -> tuple[str | None, list[tuple[str, str]], str, list]:
-    """OpenAI messages -> (system, history pairs, last user text, images in order). Image parts become <image>."""
+def _messages_to_turns(messages: Sequence[Mapping[str, Any]]
+                       ) -> tuple[str | None, list[tuple[str, str]], str | None, list]:
+    """OpenAI messages -> (system, history pairs, last user text, images in order). Image parts become <image>.
+
+    The last user text is None when the conversation ends with an assistant message or has only a system
+    message: the model then answers after the open assistant role (as OpenAI and vLLM's generation prompt do)."""
     system, turns, images, pending = None, [], [], None
     if not messages:
         raise ValueError("messages must be a non-empty list")
@@ -90,8 +95,6 @@ def _messages_to_turns(messages: Sequence[Mapping[str, Any]]) -> tuple[str | Non
             pending = None
         else:
             raise ValueError(f"unknown message role {role!r}")
-    if pending is None:
-        raise ValueError("the last message must be from the user")
     return system, turns, pending, images
 
 
@@ -216,7 +219,20 @@ def _check_deadline(deadline: float | None) -> None:
         raise InputLimitError("preprocessing the request ran past its time limit", "preprocess_timeout_s")
 
 
+def _text_request(text: Any, tokenizer: Tokenizer, context_id: int, config: InternVLConfig,
+                  check_length: Callable[[int], None] | None) -> ProcessedInput:
+    """A prompt string tokenised as it is: no chat template, BOS as the tokenizer adds it (/v1/completions)."""
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a string, got {type(text).__name__}")
+    ids = tokenizer.encode(text)
+    if check_length is not None:
+        check_length(len(ids))
+    return ProcessedInput(ids, image_spans(ids, context_id, [], [], config.num_image_token), {})
+
+
 def _text_chars(request: Mapping[str, Any]) -> int:
+    if "text" in request:
+        return len(request["text"]) if isinstance(request["text"], str) else 0
     if "messages" not in request:
         prompt = request.get("prompt")
         return len(prompt) if isinstance(prompt, str) else 0
@@ -227,6 +243,11 @@ def _text_chars(request: Mapping[str, Any]) -> int:
         total += sum(len(part["text"]) for part in parts if isinstance(part, Mapping)
                      and isinstance(part.get("text"), str))
     return total
+
+
+def _which_image(number: int, count: int) -> str:
+    """"image 2 of 3" (errors name the image; a file's own message already holds its path)."""
+    return f"image {number} of {count}" if count > 1 else f"image {number}"
 
 
 def process_request(request: Mapping[str, Any] | str, tokenizer: Tokenizer, config: InternVLConfig,
@@ -246,6 +267,8 @@ def process_request(request: Mapping[str, Any] | str, tokenizer: Tokenizer, conf
     if limits.max_prompt_chars is not None and chars > limits.max_prompt_chars:
         raise InputLimitError(f"the request's text has {chars} characters, over the limit of "
                               f"{limits.max_prompt_chars} (max_prompt_chars)", "max_prompt_chars")
+    if "text" in request:
+        return _text_request(request["text"], tokenizer, context_id, config, check_length)
     max_tiles = request.get("max_tiles", config.max_dynamic_patch)
     if "messages" in request:
         system, history, question, sources = _messages_to_turns(request["messages"])
@@ -262,12 +285,16 @@ def process_request(request: Mapping[str, Any] | str, tokenizer: Tokenizer, conf
         raise ValueError(f"max_tiles: {err}") from None
     opened: list[OpenedImage | None] = []
     try:
-        for source in sources:  # headers only: sizes checked, tiles planned, nothing decoded yet
-            opened.append(open_image(_decode_image_source(source), limits.image))
+        for number, source in enumerate(sources, 1):  # headers only: sizes checked, tiles planned, nothing decoded yet
+            try:
+                opened.append(open_image(_decode_image_source(source), limits.image))
+            except ImageLoadError as err:  # same type (and .limit), the message says which image
+                err.args = (f"{_which_image(number, len(sources))}: {err}",)
+                raise
         plans = [plan_tiles(*image.size, 1, int(max_tiles), config.image_size, config.use_thumbnail)
                  for image in opened]
         tiles_per_image = [plan.num_tiles for plan in plans]
-        if history:
+        if history or question is None:
             query = build_prompt(template, question, history, system)
             query = expand_image_placeholders(query, tiles_per_image, config.num_image_token)
         else:
@@ -279,7 +306,11 @@ def process_request(request: Mapping[str, Any] | str, tokenizer: Tokenizer, conf
         pixel_values, hashes = {}, []
         for index, (image, plan) in enumerate(zip(opened, plans)):
             _check_deadline(deadline)
-            decoded = image.decode()
+            try:
+                decoded = image.decode()
+            except ImageLoadError as err:
+                err.args = (f"{_which_image(index + 1, len(sources))}: {err}",)
+                raise
             opened[index] = None
             key = _content_hash(decoded, plan.num_tiles)
             if key not in pixel_values:

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..devices import resolve_device
 from ..models.internvl_chat import InternVLChatModel
 from ..models.loader import load_model, resolve_dtype
 from ..preprocessing.image_io import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLimits
@@ -44,11 +45,14 @@ from .vision_work import VisionWork
 
 logger = logging.getLogger(__name__)
 
+CPU_KV_TEXT_TOKENS = 8192  # text and output tokens the default CPU KV cache leaves beside a max-tile image
+
 
 @dataclass(frozen=True)
 class EngineConfig:
     block_size: int = 16
-    kv_cache_bytes: int | None = None  # None: kv_cache_fraction of free device memory (CUDA) or 256 MiB (CPU)
+    # None: kv_cache_fraction of free device memory on CUDA; elsewhere one max-tile request (default_cpu_kv_cache_bytes)
+    kv_cache_bytes: int | None = None
     kv_cache_fraction: float = 0.5
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192
@@ -66,6 +70,13 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     backend: str = "auto"
     static_decode: bool | None = None  # decode steps on static buffers + CUDA graphs; None: on CUDA only
+    # max_tokens of a request whose SamplingParams.max_tokens is None (within the context left); None: no cap
+    default_max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.default_max_tokens is not None and not (isinstance(self.default_max_tokens, int)
+                                                        and self.default_max_tokens >= 1):
+            raise ValueError(f"default_max_tokens must be a positive integer or None, got {self.default_max_tokens!r}")
 
 
 class LLM:
@@ -74,14 +85,14 @@ class LLM:
     def __init__(self, model_path: str | Path | None, dtype: torch.dtype | str | None = None,
                  device: torch.device | str | None = None, preset: str | None = None, seed: int = 0,
                  tokenizer: str | Path | Tokenizer | None = None, load_in_8bit: bool = False,
-                 **options: Any) -> None:
+                 progress: bool | None = None, **options: Any) -> None:
         """model_path: an official checkpoint folder; or None with `preset` for the real shapes with random weights
         built on the device (benchmarks), and `tokenizer`, a folder with the tokenizer files to use with them.
         load_in_8bit: int8 Linears (weight-only compute, models/int8.py): a float checkpoint is quantized while it
-        loads, a preset is built with int8 weights; an int8 checkpoint is int8 either way."""
+        loads, a preset is built with int8 weights; an int8 checkpoint is int8 either way.
+        progress: tqdm bars while the weights load or are drawn (None: loading shows one for large checkpoints)."""
         config = EngineConfig(**options)
-        device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(device)  # a bad name, or CUDA where there is none: one line saying what to do
         target = resolve_dtype(dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
         if preset is not None:
             from ..models.presets import build_random_model
@@ -90,11 +101,11 @@ class LLM:
                 raise ValueError(f"preset={preset!r} has random weights and no tokenizer: pass tokenizer=PATH, a folder "
                                  "with tokenizer.model and the InternVL added tokens (a real checkpoint's, or "
                                  "internvl_engine.testing's tiny one)")
-            model = build_random_model(preset, target, device, seed, int8=load_in_8bit)
+            model = build_random_model(preset, target, device, seed, int8=load_in_8bit, progress=progress is not False)
         elif model_path is None:
             raise ValueError("LLM needs a checkpoint path, or preset=... for random weights")
         else:
-            model = load_model(model_path, dtype=target, device=device, load_in_8bit=load_in_8bit)
+            model = load_model(model_path, dtype=target, device=device, load_in_8bit=load_in_8bit, progress=progress)
             tokenizer = tokenizer if tokenizer is not None else model_path
         if isinstance(tokenizer, (str, Path)):
             tokenizer = load_tokenizer(tokenizer)  # InternLM2's or the Llama-style one (Phi-3), as the files say
@@ -118,9 +129,23 @@ class LLM:
             model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
         self.template = get_template(model.template or "internlm2-chat")
         self.stop_token_ids = {tokenizer.convert_tokens_to_ids(self.template.stop_token), tokenizer.eos_token_id}
-        max_model_len = config.max_model_len or model.config.llm.max_context_length
-        self.runner = ModelRunner(model, config.block_size, config.kv_cache_bytes, config.kv_cache_fraction,
-                                  max_model_len, config.max_num_seqs, config.static_decode)
+        wanted_len = config.max_model_len or model.config.llm.max_context_length
+        kv_cache_bytes = config.kv_cache_bytes
+        if kv_cache_bytes is None and model.device.type != "cuda":
+            kv_cache_bytes = self.default_cpu_kv_cache_bytes(model, config, wanted_len)
+        self.runner = ModelRunner(model, config.block_size, kv_cache_bytes, config.kv_cache_fraction,
+                                  wanted_len, config.max_num_seqs, config.static_decode)
+        capacity = self.runner.num_blocks * config.block_size
+        max_model_len = self._effective_max_model_len(config, wanted_len, capacity)
+        model_len = model.config.llm.max_context_length
+        # What to raise when a request does not fit (PromptTooLongError says it)
+        if max_model_len < wanted_len:
+            self._context_hint = (f"the KV cache holds {capacity} tokens: raise kv_cache_bytes (--kv-cache-bytes) "
+                                  "or kv_cache_fraction (--kv-cache-fraction)")
+        elif max_model_len < model_len:
+            self._context_hint = f"raise max_model_len (--max-model-len), up to the model's {model_len}"
+        else:
+            self._context_hint = "the model's own context length"
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
@@ -137,6 +162,28 @@ class LLM:
         # Seconds and counts by stage, for benchmarks (bench_offline.py prints their shares).
         self.stats = {"preprocess_s": 0.0, "vit_s": 0.0, "prefill_step_s": 0.0, "decode_step_s": 0.0,
                       "tiles_encoded": 0, "steps": 0, "request_errors": {}}
+
+    @staticmethod
+    def default_cpu_kv_cache_bytes(model: InternVLChatModel, config: EngineConfig, max_model_len: int) -> int:
+        """The KV cache off CUDA: room for one request with an image of max_tiles_per_image tiles (+ thumbnail)
+        and CPU_KV_TEXT_TOKENS of text and output, within max_model_len; never below 256 MiB."""
+        tokens = (config.max_tiles_per_image + 1) * model.num_image_token + CPU_KV_TEXT_TOKENS
+        blocks = -(-min(tokens, max_model_len) // config.block_size) + 1  # + the static decode's scratch block
+        return max(blocks * ModelRunner.bytes_per_block(model, config.block_size), 256 << 20)
+
+    @staticmethod
+    def _effective_max_model_len(config: EngineConfig, wanted: int, capacity: int) -> int:
+        """max_model_len no larger than the KV cache holds (so /v1/models and every refusal tell the truth): the
+        model's context is clamped; an explicit max_model_len past it is an error naming the options."""
+        if wanted <= capacity:
+            return wanted
+        fix = "raise kv_cache_bytes (serve: --kv-cache-bytes) or kv_cache_fraction (--kv-cache-fraction)"
+        if config.max_model_len is not None:
+            raise ValueError(f"max_model_len {wanted} is more than the KV cache holds ({capacity} tokens): {fix}, "
+                             f"or lower max_model_len (--max-model-len)")
+        logger.warning("max_model_len is %d tokens (the KV cache's capacity), below the model's context of %d: "
+                       "to use more, %s", capacity, wanted, fix)
+        return capacity
 
     @staticmethod
     def kv_cache_bytes_per_block(model: InternVLChatModel, block_size: int) -> int:
@@ -180,13 +227,17 @@ class LLM:
         vocab = self.model.config.llm.vocab_size
         if params.top_k > vocab or any(i >= vocab for i in params.penalty_context_ids or ()):
             raise ValueError(f"top_k and penalty_context_ids must be within the vocabulary ({vocab} tokens)")
+        outside = [token for token, _ in params.logit_bias or () if token >= vocab]
+        if outside:
+            raise ValueError(f"logit_bias: token id {outside[0]} is outside the vocabulary ({vocab} tokens)")
 
         def check_length(num_prompt: int) -> None:
             wanted = params.max_tokens if params.max_tokens is not None else 1
             if num_prompt + wanted > max_model_len:
                 what = f" + max_tokens ({wanted})" if params.max_tokens is not None else " + 1 output token"
                 raise PromptTooLongError(f"the prompt ({num_prompt} tokens, images included){what} exceeds the "
-                                         f"context length (max_model_len {max_model_len})")
+                                         f"context length (max_model_len {max_model_len}; {self._context_hint}); "
+                                         "send fewer image tiles (max_dynamic_patch) or a smaller max_tokens")
 
         processed = process_request(request, self.tokenizer, self.model.config, self.template.name,
                                     self.system_message, self.input_limits, check_length, deadline)
@@ -194,9 +245,10 @@ class LLM:
         check_length(num_prompt)
         if params.max_tokens is not None:
             max_tokens = params.max_tokens
-        else:  # up to the context length, or to what the whole KV cache can hold
-            capacity = self.block_manager.num_blocks * self.block_manager.block_size + 1
-            max_tokens = max(min(max_model_len, capacity) - num_prompt, 1)
+        else:  # up to the context length (which the KV cache holds), and default_max_tokens
+            max_tokens = max(max_model_len - num_prompt, 1)
+            if self.config.default_max_tokens is not None:
+                max_tokens = min(max_tokens, self.config.default_max_tokens)
         scheduled = Request(request_id, processed.prompt_token_ids, max_tokens, processed.images,
                             arrival_time=arrival, stop_token_ids=self._stops(params),
                             rope_length_offset=processed.left_padding)
@@ -342,7 +394,7 @@ class LLM:
                 context = request.prompt_token_ids if params.penalty_context_ids is None else params.penalty_context_ids
                 penalized = list(context) + request.output_token_ids
             rows.append(RowSampling(params.temperature, params.top_k, params.top_p, params.repetition_penalty,
-                                    penalized, state.generator))
+                                    penalized, state.generator, params.logit_bias or ()))
         tokens = sample_batch(logits, rows)
         for index, request in enumerate(requests):  # after the draw: a retried batch must not record them twice
             state = self._states[request.request_id]

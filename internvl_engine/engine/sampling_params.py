@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 # The ranges the sampler's arithmetic can take (float32 logits, int32/int64 tensors). A value outside them would
 # overflow or turn a row into inf/nan; it is refused here so that one request can never fail a batched step.
@@ -21,6 +21,7 @@ MIN_TEMPERATURE = 1e-5  # temperature is 0 (greedy) or at least this: logits / 1
 MAX_TEMPERATURE = 100.0
 MAX_TOP_K = 2**31 - 1  # int32; the sampler clamps it to the vocabulary
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, +100 all but forces it
 SEED_RANGE = (-2**63, 2**63 - 1)  # int64
 
 
@@ -43,6 +44,9 @@ class SamplingParams:
     # RequestOutput.logits: the float32 logits [outputs, vocab] each token was sampled from (before the
     # penalty and temperature), as transformers' `output_logits`; for comparisons with other implementations.
     return_logits: bool = False
+    # OpenAI's logit_bias: token id -> bias in [-100, 100], added to that token's logit before the penalty and
+    # sampling (greedy rows too). Given as a mapping, kept as sorted (id, bias) pairs so the params stay hashable.
+    logit_bias: Any = None
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
@@ -77,9 +81,29 @@ class SamplingParams:
             raise ValueError(f"penalty_context_ids must be token ids (non-negative integers), got "
                              f"{self.penalty_context_ids!r:.200}")
 
+        if self.logit_bias is not None:
+            object.__setattr__(self, "logit_bias", _logit_bias_pairs(self.logit_bias) or None)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _logit_bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
+    items = bias.items() if isinstance(bias, Mapping) else bias
+    try:
+        pairs = [(token, value) for token, value in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"logit_bias must map token ids to numbers, got {bias!r:.200}") from None
+    for token, value in pairs:
+        if not _is_int(token) or token < 0:
+            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {token!r:.50}")
+        _check_number(f"logit_bias[{token}]", value)
+        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias[{token}] must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {value!r}")
+    if len({token for token, _ in pairs}) != len(pairs):
+        raise ValueError("logit_bias has a token id more than once")
+    return tuple(sorted((token, float(value)) for token, value in pairs))
 
 
 def _is_int(value: Any) -> bool:

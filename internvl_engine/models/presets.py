@@ -6,6 +6,7 @@ without the 51 GB download: parameters are allocated on the target device and fi
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import InternVLConfig
 from .int8 import convert_linears, default_int8_targets
@@ -65,36 +66,48 @@ def preset_config(name: str) -> InternVLConfig:
 
 
 @torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+def randomize_(model: torch.nn.Module, seed: int = 0, progress: bool = False) -> torch.nn.Module:
     """Fill every parameter in place on its own device: norms and layer scales near 1 / 0.1, the rest
-    N(0, 0.02), so activations stay finite at full depth. Deterministic for a seed and device."""
+    N(0, 0.02), so activations stay finite at full depth. Deterministic for a seed and device (with or without
+    `progress`, a tqdm bar on stderr over the bytes filled: the parameters and their draws keep their order)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    for name, param in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        if param.dtype == torch.int8:  # int8 rows spanning [-127, 127]: with SCB 0.035, weights of std ~0.02
-            param.copy_(torch.randint(-127, 128, param.shape, generator=generator, device=device, dtype=torch.int8))
-        elif leaf == "SCB":
-            param.fill_(0.035)
-        elif leaf == "weight_format":
-            param.zero_()
-        elif leaf in ("ls1", "ls2"):
-            param.fill_(0.1)
-        elif "norm" in name and leaf == "weight" or name.startswith("mlp1.0.") and leaf == "weight":
-            param.fill_(1.0)
-        elif leaf == "bias":
-            param.zero_()
-        else:
-            param.normal_(0.0, 0.02, generator=generator)
+    parameters = list(model.named_parameters())
+    total = sum(param.numel() * param.element_size() for _, param in parameters)
+    with tqdm(total=total, desc="random weights", unit="B", unit_scale=True, unit_divisor=1024,
+              disable=not progress) as bar:
+        for name, param in parameters:
+            _fill_(name, param, generator, device)
+            bar.update(param.numel() * param.element_size())
     return model
 
 
+def _fill_(name: str, param: torch.nn.Parameter, generator: torch.Generator, device: torch.device) -> None:
+    leaf = name.rsplit(".", 1)[-1]
+    if param.dtype == torch.int8:  # int8 rows spanning [-127, 127]: with SCB 0.035, weights of std ~0.02
+        param.copy_(torch.randint(-127, 128, param.shape, generator=generator, device=device, dtype=torch.int8))
+    elif leaf == "SCB":
+        param.fill_(0.035)
+    elif leaf == "weight_format":
+        param.zero_()
+    elif leaf in ("ls1", "ls2"):
+        param.fill_(0.1)
+    elif "norm" in name and leaf == "weight" or name.startswith("mlp1.0.") and leaf == "weight":
+        param.fill_(1.0)
+    elif leaf == "bias":
+        param.zero_()
+    else:
+        param.normal_(0.0, 0.02, generator=generator)
+
+
 def build_random_model(name: str, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
-                       model_class: type[InternVLChatModel] = InternVLChatModel, int8: bool = False
-                       ) -> InternVLChatModel:
+                       model_class: type[InternVLChatModel] = InternVLChatModel, int8: bool = False,
+                       progress: bool = True) -> InternVLChatModel:
     """The preset's model with random weights, allocated directly on `device` (no host copy); with `int8`, its
-    Linears int8 as `load_in_8bit` would make them (the real footprint of an Int8 checkpoint)."""
+    Linears int8 as `load_in_8bit` would make them (the real footprint of an Int8 checkpoint). `progress`: a tqdm
+    bar "random weights" on stderr while the parameters are filled (full-size presets take tens of seconds on a
+    CPU); False for none. The weights are the same either way."""
     config = preset_config(name)
     with torch.device("meta"):
         model = model_class(config)
@@ -106,4 +119,4 @@ def build_random_model(name: str, dtype: torch.dtype, device: torch.device | str
         layer.SCB = torch.nn.Parameter(torch.empty_like(layer.SCB, dtype=torch.float32), requires_grad=False)
     model = model.to_empty(device=device)  # one allocation
     model.int8_linears = targets
-    return randomize_(model, seed).eval()
+    return randomize_(model, seed, progress=progress).eval()

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API (FastAPI): /v1/chat/completions, /v1/models, /health, /metrics.
+"""The OpenAI-compatible HTTP API (FastAPI): /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
 
 A request is parsed and validated (work limits included: body size and read time, JSON depth, images,
 characters, stop strings), its images resolved and the request prepared in the engine's bounded
@@ -26,9 +26,10 @@ from ..engine.detokenizer import StreamText
 from .errors import APIError, engine_error, error_body, limit_error
 from .media import MediaPolicy, resolve_messages
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .protocol import ChatRequest, RequestLimits, chunk, completion, completion_id, parse_chat_request, usage
+from .protocol import (ChatRequest, CompletionRequest, RequestLimits, chunk, completion, completion_id,
+                       parse_chat_request, parse_completion_request, text_chunk, text_completion, usage)
 
-ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,17 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
                            f"{', '.join(config.served_model_names)}", param="model", code="model_not_found")
         return JSONResponse(model_card(model_id))
 
+    async def _admit(inputs: dict, params: Any, request_id: str, resolve: Any = None, param: str = "messages") -> None:
+        """Prepare and queue one request; its errors become their HTTP errors (and count as rejected)."""
+        try:
+            await engine.add_request(inputs, params, request_id, resolve=resolve)
+        except APIError:
+            metrics.requests.labels(status="rejected").inc()
+            raise
+        except (ValueError, TypeError, RuntimeError, OSError) as err:
+            metrics.requests.labels(status="rejected").inc()
+            raise engine_error(err, param) from None
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         chat = parse_chat_request(await _read_json(request, config), config.served_model_names, limits)
@@ -200,44 +212,71 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
         if chat.max_tiles is not None:
             inputs["max_tiles"] = chat.max_tiles
         request_id = completion_id()
-        try:  # image URLs are fetched and decoded in the engine's preprocessing pool, under its time limit
-            await engine.add_request(inputs, chat.params, request_id, resolve=lambda given: {
-                **given, "messages": resolve_messages(given["messages"], config.media)})
-        except APIError:
-            metrics.requests.labels(status="rejected").inc()
-            raise
-        except (ValueError, TypeError, RuntimeError, OSError) as err:
-            metrics.requests.labels(status="rejected").inc()
-            raise engine_error(err) from None
+        # image URLs are fetched and decoded in the engine's preprocessing pool, under its time limit
+        await _admit(inputs, chat.params, request_id, resolve=lambda given: {
+            **given, "messages": resolve_messages(given["messages"], config.media)})
         if chat.stream:
             return StreamingResponse(_stream(request_id, chat), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                      background=BackgroundTask(engine.abort, request_id))
-        output = await _final_or_disconnect(request, request_id)
-        if output is None:
-            metrics.requests.labels(status="abort").inc()
+        outputs = await _finals_or_disconnect(request, [request_id])
+        if outputs is None:
             return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
-        metrics.observe(output)
-        if output.finish_reason == "error":
-            raise APIError(500, f"generation failed: {output.error}", code="generation_failed")
-        return JSONResponse(completion(request_id, chat.model, output))
+        return JSONResponse(completion(request_id, chat.model, outputs[0]))
 
-    async def _final_or_disconnect(request: Request, request_id: str):
-        async def final():
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = parse_completion_request(await _read_json(request, config), config.served_model_names, limits)
+        response_id = completion_id("cmpl")
+        ids = [f"{response_id}-{index}" for index in range(len(body.prompts))]
+        admitted = await asyncio.gather(*(_admit(inputs, body.params, request_id, param="prompt")
+                                          for inputs, request_id in zip(body.prompts, ids)), return_exceptions=True)
+        failed = [result for result in admitted if isinstance(result, BaseException)]
+        if failed:  # one bad prompt refuses the request: the others stop
+            for request_id, result in zip(ids, admitted):
+                if not isinstance(result, BaseException):
+                    engine.abort(request_id)
+            raise failed[0]
+        if body.stream:
+            return StreamingResponse(_text_stream(response_id, ids, body), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(_abort_all, ids))
+        outputs = await _finals_or_disconnect(request, ids)
+        if outputs is None:
+            return Response(status_code=499)
+        return JSONResponse(text_completion(response_id, body.model, outputs))
+
+    def _abort_all(request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            engine.abort(request_id)
+
+    async def _finals_or_disconnect(request: Request, request_ids: list[str]) -> list | None:
+        """The final outputs (None if the client left first: every request is aborted); a failed generation
+        raises its 500."""
+        async def final(request_id: str):
             last = None
             async for last in engine.stream(request_id):
                 pass
             return last
 
-        answer = asyncio.ensure_future(final())
+        answer = asyncio.ensure_future(asyncio.gather(*(final(request_id) for request_id in request_ids)))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
             if not answer.done():
-                answer.cancel()  # its stream aborts the request
-        return answer.result() if answer.done() and not answer.cancelled() else None
+                answer.cancel()  # each stream aborts its request
+        if not answer.done() or answer.cancelled():
+            metrics.requests.labels(status="abort").inc()
+            return None
+        outputs = answer.result()
+        for output in outputs:
+            metrics.observe(output)
+        error = next((output for output in outputs if output.finish_reason == "error"), None)
+        if error is not None:
+            raise APIError(500, f"generation failed: {error.error}", code="generation_failed")
+        return outputs
 
     async def _stream(request_id: str, chat: ChatRequest) -> AsyncIterator[str]:
         created, text, finished = int(time.time()), StreamText(chat.params.stop), False
@@ -261,6 +300,48 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
             yield "data: [DONE]\n\n"
         finally:
             if not finished:
+                metrics.requests.labels(status="abort").inc()
+
+    async def _text_stream(response_id: str, request_ids: list[str], body: CompletionRequest) -> AsyncIterator[str]:
+        """Every prompt's chunks as they come (each names its choice index), then the usage, then [DONE]."""
+        created, events = int(time.time()), asyncio.Queue()
+        texts = [StreamText(body.params.stop) for _ in request_ids]
+
+        async def pump(index: int, request_id: str) -> None:
+            try:
+                async for output in engine.stream(request_id):
+                    await events.put((index, output))
+            finally:
+                await events.put((index, None))
+
+        pumps = [asyncio.ensure_future(pump(index, request_id)) for index, request_id in enumerate(request_ids)]
+        finals, open_streams = {}, len(request_ids)
+        try:
+            while open_streams:
+                index, output = await events.get()
+                if output is None:
+                    open_streams -= 1
+                    continue
+                if output.finished and output.finish_reason in ("error", "abort"):
+                    metrics.observe(output)
+                    message = f"generation failed: {output.error}" if output.error else "the request was aborted"
+                    yield _event(error_body(500, message, code="generation_failed"))
+                    return
+                delta = texts[index].delta(output.text, output.finished)
+                if output.finished:
+                    metrics.observe(output)
+                    finals[index] = output
+                    yield _event(text_chunk(response_id, body.model, created, index, delta, output.finish_reason))
+                elif delta:
+                    yield _event(text_chunk(response_id, body.model, created, index, delta))
+            if body.include_usage:
+                yield _event(text_chunk(response_id, body.model, created, None,
+                                        usage_=usage(*(finals[index] for index in sorted(finals)))))
+            yield "data: [DONE]\n\n"
+        finally:
+            for task in pumps:
+                task.cancel()
+            if len(finals) < len(request_ids):
                 metrics.requests.labels(status="abort").inc()
 
     return app

@@ -39,22 +39,22 @@ def limit_error(message: str, limit: str, param: str | None = None, status: int 
     return APIError(status, f"{message} ({flag(limit)})", param=param, code=code, limit=limit)
 
 
-def engine_error(err: BaseException) -> APIError:
-    """An exception from preparing or queueing a request -> its HTTP error."""
+def engine_error(err: BaseException, param: str = "messages") -> APIError:
+    """An exception from preparing or queueing a request -> its HTTP error; `param`: the field holding the input."""
     from ..engine.errors import InputLimitError, PromptTooLongError, QueueFullError
     from ..preprocessing.image_io import ImageLoadError, ImageTooLargeError
 
     if isinstance(err, QueueFullError):
         return APIError(503, f"the server is overloaded, retry later: {err}", code="queue_full")
     if isinstance(err, InputLimitError):
-        return limit_error(str(err).replace(f" ({err.limit})", ""), err.limit, param="messages")
+        return limit_error(str(err).replace(f" ({err.limit})", ""), err.limit, param=param)
     if isinstance(err, ImageTooLargeError):
-        return APIError(413, f"{err} ({flag(err.limit)})", param="messages", code="image_too_large",
+        return APIError(413, f"{err} ({flag(err.limit)})", param=param, code="image_too_large",
                         limit=err.limit)
     if isinstance(err, ImageLoadError):
-        return APIError(400, str(err), param="messages", code="invalid_image")
+        return APIError(400, str(err), param=param, code="invalid_image")
     if isinstance(err, PromptTooLongError):
-        return APIError(400, str(err), param="messages", code="context_length_exceeded", limit="max_model_len")
+        return APIError(400, str(err), param=param, code="context_length_exceeded", limit="max_model_len")
     if isinstance(err, (ValueError, TypeError)):
         return APIError(400, str(err))
     return APIError(500, f"{type(err).__name__}: {err}")

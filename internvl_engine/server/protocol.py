@@ -14,8 +14,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.sampling_params import (MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, MIN_TEMPERATURE, SEED_RANGE,
-                                      SamplingParams)
+from ..engine.sampling_params import (MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY,
+                                      MIN_TEMPERATURE, SEED_RANGE, SamplingParams)
 from .errors import APIError, limit_error
 
 _ROLES = ("system", "developer", "user", "assistant")
@@ -31,6 +31,7 @@ class RequestLimits:
     max_prompt_chars: int = 1 << 20  # all message text together
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256  # each stop string (the search per step grows with the longest)
+    max_prompts_per_request: int = 64  # /v1/completions: prompts (choices) in one request
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -138,46 +139,68 @@ def _stop_strings(body: dict, limits: RequestLimits) -> tuple[str, ...]:
     return tuple(stop)
 
 
-def parse_chat_request(body: Any, served_models: tuple[str, ...], limits: RequestLimits) -> ChatRequest:
+def _model(body: Any, served_models: tuple[str, ...]) -> str:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     model = body.get("model")
     if model not in served_models:
         raise APIError(400, f"model {str(model)[:100]!r} is not served here; available: {', '.join(served_models)}",
                        param="model", code="model_not_found")
-    messages = _check_messages(body.get("messages"), limits)
+    return model
+
+
+def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]}; JSON keys are strings."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise APIError(400, "logit_bias must be an object mapping token ids to biases", param="logit_bias")
+    out = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 10 and int(key) < vocab_size):
+            raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab_size}) (the vocabulary), got "
+                           f"{key[:50]!r}", param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) \
+                or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise APIError(400, f"logit_bias[{key!r}] must be a number in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                           f"got {str(value)[:50]}", param="logit_bias")
+        out[int(key)] = float(value)
+    return out or None
+
+
+def _boolean(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise APIError(400, f"{name} must be a boolean, got {value!r:.50}", param=name)
+    return value
+
+
+def _generation(body: dict, limits: RequestLimits, default_max_tokens: int | None = None
+                ) -> tuple[SamplingParams, bool, bool]:
+    """The fields chat and text completions share -> (sampling params, stream, include_usage)."""
     if _integer(body, "n", 1) not in (None, 1):
         raise APIError(400, "only n=1 is supported", param="n")
     for name in ("frequency_penalty", "presence_penalty"):
         if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
             raise APIError(400, f"{name} is not supported (use repetition_penalty)", param=name)
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise APIError(400, "logprobs are not supported", param="logprobs")
-    if body.get("tools") or body.get("functions"):
-        raise APIError(400, "tools and function calling are not supported", param="tools")
-    response_format = body.get("response_format")
-    if response_format not in (None, {"type": "text"}):
-        raise APIError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
     max_tokens = _integer(body, "max_completion_tokens", 1)
     max_tokens = _integer(body, "max_tokens", 1) if max_tokens is None else max_tokens
     stop = _stop_strings(body, limits)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise APIError(400, f"stream must be a boolean, got {stream!r:.50}", param="stream")
+    stream = _boolean(body, "stream")
     if body.get("stream_options") is not None and not stream:
         raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise APIError(400, "stream_options must be an object with a boolean include_usage", param="stream_options")
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise APIError(400, f"ignore_eos must be a boolean, got {ignore_eos!r:.50}", param="ignore_eos")
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     if 0 < temperature < MIN_TEMPERATURE:
         raise APIError(400, f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature!r}",
                        param="temperature")
     params = SamplingParams(
-        max_tokens=max_tokens,
+        max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
         temperature=temperature,
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
         top_k=_integer(body, "top_k", -1, limits.vocab_size) or -1,
@@ -185,21 +208,92 @@ def parse_chat_request(body: Any, served_models: tuple[str, ...], limits: Reques
                                    min(MAX_REPETITION_PENALTY, 10.0)),
         seed=_integer(body, "seed", *SEED_RANGE),
         stop=stop,
-        ignore_eos=ignore_eos)
-    return ChatRequest(model, messages, params, stream, bool(options.get("include_usage", False)),
+        ignore_eos=_boolean(body, "ignore_eos"),
+        logit_bias=_logit_bias(body, limits.vocab_size))
+    return params, stream, bool(options.get("include_usage", False))
+
+
+def parse_chat_request(body: Any, served_models: tuple[str, ...], limits: RequestLimits) -> ChatRequest:
+    model = _model(body, served_models)
+    messages = _check_messages(body.get("messages"), limits)
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise APIError(400, "logprobs are not supported", param="logprobs")
+    if body.get("tools") or body.get("functions"):
+        raise APIError(400, "tools and function calling are not supported", param="tools")
+    response_format = body.get("response_format")
+    if response_format not in (None, {"type": "text"}):
+        raise APIError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
+    params, stream, include_usage = _generation(body, limits)  # no max_tokens: the engine's default_max_tokens
+    return ChatRequest(model, messages, params, stream, include_usage,
                        _integer(body, "max_dynamic_patch", 1, limits.max_tiles))
 
 
+@dataclass(frozen=True)
+class CompletionRequest:
+    model: str
+    prompts: list[dict]  # engine inputs: {"text": str} or {"prompt_token_ids": [int]}, one choice each
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
+
+
+def _prompts(prompt: Any, limits: RequestLimits) -> list[dict]:
+    """`prompt`: a string, a list of token ids, or a list of either (one choice per prompt)."""
+    def is_ids(value: Any) -> bool:
+        return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                               for t in value)
+
+    if isinstance(prompt, str) or is_ids(prompt):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) or is_ids(p) for p in prompt):
+        raise APIError(400, "prompt must be a string, a non-empty list of token ids, or a list of either",
+                       param="prompt")
+    if len(prompt) > limits.max_prompts_per_request:
+        raise limit_error(f"{len(prompt)} prompts in one request, over the limit of {limits.max_prompts_per_request}",
+                          "max_prompts_per_request", param="prompt")
+    size = sum(len(p) for p in prompt)
+    if size > limits.max_prompt_chars:
+        raise limit_error(f"the prompts have {size} characters or tokens, over the limit of {limits.max_prompt_chars}",
+                          "max_prompt_chars", param="prompt")
+    for ids in (p for p in prompt if not isinstance(p, str)):
+        bad = next((t for t in ids if not 0 <= t < limits.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"prompt token ids must be in [0, {limits.vocab_size}) (the vocabulary), got "
+                           f"{str(bad)[:50]}", param="prompt")
+    return [{"text": p} if isinstance(p, str) else {"prompt_token_ids": p} for p in prompt]
+
+
+def parse_completion_request(body: Any, served_models: tuple[str, ...], limits: RequestLimits) -> CompletionRequest:
+    """/v1/completions: a prompt continued as it is (no chat template), with the chat endpoint's parameters."""
+    model = _model(body, served_models)
+    prompts = _prompts(body.get("prompt"), limits)
+    if body.get("echo"):
+        raise APIError(400, "echo is not supported", param="echo")
+    if body.get("suffix"):
+        raise APIError(400, "suffix is not supported", param="suffix")
+    if body.get("logprobs") is not None:
+        raise APIError(400, "logprobs are not supported", param="logprobs")
+    if _integer(body, "best_of", 1) not in (None, 1):
+        raise APIError(400, "only best_of=1 is supported", param="best_of")
+    params, stream, include_usage = _generation(body, limits, COMPLETION_DEFAULT_MAX_TOKENS)
+    return CompletionRequest(model, prompts, params, stream, include_usage)
+
+
 # ---- responses ----
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+def completion_id(prefix: str = "chatcmpl") -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(output: Any) -> dict:
-    prompt, completion = output.num_prompt_tokens, len(output.token_ids)
+def usage(*outputs: Any) -> dict:
+    """The usage object of one or more outputs (a text completion's choices add up)."""
+    prompt = sum(output.num_prompt_tokens for output in outputs)
+    completion = sum(len(output.token_ids) for output in outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": output.num_cached_tokens},
-            "image_tiles": output.num_image_tiles}
+            "prompt_tokens_details": {"cached_tokens": sum(output.num_cached_tokens for output in outputs)},
+            "image_tiles": sum(output.num_image_tiles for output in outputs)}
 
 
 def completion(request_id: str, model: str, output: Any) -> dict:
@@ -214,6 +308,25 @@ def chunk(request_id: str, model: str, created: int, delta: dict | None, finish_
     choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
     body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": choices}
+    if usage_ is not None:
+        body["usage"] = usage_
+    return body
+
+
+def text_completion(request_id: str, model: str, outputs: list) -> dict:
+    """/v1/completions' response: one choice per prompt, in order."""
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": index, "text": output.text, "logprobs": None, "finish_reason": output.finish_reason}
+                        for index, output in enumerate(outputs)],
+            "usage": usage(*outputs)}
+
+
+def text_chunk(request_id: str, model: str, created: int, index: int | None, text: str = "",
+               finish_reason: str | None = None, usage_: dict | None = None) -> dict:
+    """A /v1/completions stream event; index None: the final usage event (no choices)."""
+    choices = [] if index is None else [{"index": index, "text": text, "logprobs": None,
+                                         "finish_reason": finish_reason}]
+    body = {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": choices}
     if usage_ is not None:
         body["usage"] = usage_
     return body

@@ -79,9 +79,12 @@ def get_template(name: str | ConversationTemplate) -> ConversationTemplate:
     return TEMPLATES[name]
 
 
-def build_prompt(template: str | ConversationTemplate, question: str, history: History | None = None,
+def build_prompt(template: str | ConversationTemplate, question: str | None, history: History | None = None,
                  system_message: str | None = None) -> str:
-    """The official `chat()` query: past (question, answer) turns, the new question, then the open assistant role."""
+    """The official `chat()` query: past (question, answer) turns, the new question, then the open assistant role.
+
+    question None: no new user turn, the assistant role opens right after the history (a system-only
+    conversation, or one ending with the assistant's message)."""
     conv = get_template(template)
     user, assistant = conv.roles
     messages: list[tuple[str, str | None]] = []
@@ -89,7 +92,9 @@ def build_prompt(template: str | ConversationTemplate, question: str, history: H
         if len(turn) != 2:
             raise ValueError(f"each history entry must be a (question, answer) pair, got {turn!r}")
         messages += [(user, turn[0]), (assistant, turn[1])]
-    messages += [(user, question), (assistant, None)]
+    if question is not None:
+        messages.append((user, question))
+    messages.append((assistant, None))
     return conv.render(messages, system_message)
 
 

@@ -6,10 +6,14 @@ buffers, padding rows write to a reserved scratch slot and read one token of it.
 once per bucket and replayed; the first replay is checked against the eager result and a bucket whose graph
 disagrees (or fails to capture) stays eager. On CPU the same static path runs eagerly, which is what the tests
 check against the dynamic path.
+
+Buckets are captured when first used; `capture_all` captures (on CPU: warms up) every bucket ahead of time, with
+a tqdm bar "capturing decode graphs" on stderr (`progress=False` for none).
 """
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from .attention import KVCache, pad_block_tables
 from ..models.internvl_chat import InternVLChatModel
@@ -47,8 +51,10 @@ class _DecodeAttention:
 
 class DecodeGraphRunner:
     def __init__(self, model: InternVLChatModel, cache: KVCache, scratch_block: int, max_blocks_per_seq: int,
-                 max_batch: int = BUCKETS[-1]) -> None:
+                 max_batch: int = BUCKETS[-1], progress: bool = True) -> None:
+        """progress: whether `capture_all` shows its tqdm bar by default."""
         self.model = model
+        self.progress = progress
         self.cache = cache
         self.device = model.device
         self.use_graphs = self.device.type == "cuda"
@@ -104,6 +110,33 @@ class DecodeGraphRunner:
         graph, logits = self.graphs[bucket]
         graph.replay()
         return logits[:n].clone()
+
+    @torch.inference_mode()
+    def capture_all(self, progress: bool | None = None) -> None:
+        """Capture every bucket's graph now (the buckets first used later would each be captured in the middle of
+        a step), under a tqdm bar over the buckets; a bucket whose graph fails or disagrees stays eager, as in
+        `run`. On CPU, where nothing is captured, each bucket's static step runs once (a warm-up). The steps run on
+        padding rows only (they write the scratch slot, never a request's cache): results are unchanged.
+        progress: show the bar (default: the runner's `progress`)."""
+        show = self.progress if progress is None else progress
+        pending = [b for b in self.buckets if b not in self.graphs and b not in self.eager_buckets]
+        self._reset_padding()
+        for bucket in tqdm(pending, desc="capturing decode graphs", unit="bucket", disable=not show or not pending):
+            if self.use_graphs:
+                self._capture(bucket)
+            else:
+                self._forward(bucket)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _reset_padding(self) -> None:
+        """Every row of the static buffers a padding row: token 0 at position 0, one token of the scratch slot."""
+        self.ids.zero_()
+        self.positions.zero_()
+        self.slots.fill_(self.scratch_slot)
+        self.tables.fill_(self.scratch_block)
+        self.lens.fill_(1)
+        self.rope_lengths.fill_(1)
 
     def _capture(self, bucket: int) -> torch.Tensor:
         """Warm up (compiles the kernels), capture, replay once and compare with the eager logits."""

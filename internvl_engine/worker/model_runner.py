@@ -41,6 +41,8 @@ class ModelRunner:
         if static_decode or (static_decode is None and self.device.type == "cuda"):
             self.decode_graphs = DecodeGraphRunner(model, self.cache, self.num_blocks, -(-max_model_len // block_size),
                                                    max_batch=max_num_seqs)
+            if self.device.type == "cuda":  # at startup, under a progress bar, not in the middle of a served step
+                self.decode_graphs.capture_all()
 
     @staticmethod
     def bytes_per_block(model: InternVLChatModel, block_size: int) -> int:

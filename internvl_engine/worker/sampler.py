@@ -1,7 +1,7 @@
 """The batched sampler: one call picks the next token of every sampled row, each with its own parameters.
 
-Order and tie rules as in transformers' `generate` (the official `chat` relies on them): repetition penalty,
-then (sampling rows only) temperature, top-k, top-p, then a draw. Rows that share a generator (the rows of one
+Order and tie rules as in transformers' `generate` (the official `chat` relies on them): the logit bias (OpenAI's
+`logit_bias`, applied first as vLLM does), repetition penalty, then (sampling rows only) temperature, top-k, top-p, then a draw. Rows that share a generator (the rows of one
 `batch_chat`, or every unseeded row, which use torch's global generator as transformers does) draw in one
 `multinomial` call, in row order, so a batch consumes one random stream as the official batched draw does.
 """
@@ -21,6 +21,7 @@ class RowSampling(NamedTuple):
     repetition_penalty: float
     penalized_ids: Sequence[int]  # ids the repetition penalty applies to (empty when it is 1.0)
     generator: torch.Generator | None  # None: torch's global generator
+    logit_bias: Sequence[tuple[int, float]] = ()  # (token id, bias added to its logit); ids within the vocabulary
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -64,8 +65,13 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int 
     """
     device = logits.device
     penalized = [index for index, row in enumerate(rows) if row.repetition_penalty != 1.0 and row.penalized_ids]
-    if penalized:
+    biased = [(index, token, value) for index, row in enumerate(rows) for token, value in row.logit_bias]
+    if penalized or biased:
         logits = logits.clone()
+    if biased:  # one scatter for every row's bias: [entries] row, token, value
+        where, tokens, values = zip(*biased)
+        logits.index_put_((torch.tensor(where, device=device), torch.tensor(tokens, device=device)),
+                          torch.tensor(values, dtype=logits.dtype, device=device), accumulate=True)
     for index in penalized:
         row = rows[index]
         seen = torch.tensor(sorted(set(row.penalized_ids)), device=device)[None]

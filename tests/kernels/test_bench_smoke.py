@@ -21,3 +21,20 @@ def test_bench_kernels_smoke(capsys, monkeypatch):
     for section in ("ViT attention", "paged decode", "paged prefill", "pixel unshuffle", "tile normalisation",
                     "w8a16 weight-only int8 GEMM"):
         assert section in out
+
+
+def test_bench_kernels_smoke_sets_the_interpreter_itself_without_a_gpu():
+    import os
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU --smoke runs the compiled kernels")
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernels.py"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(path), "--smoke", "--only", "unshuffle"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "re-running under Triton's interpreter (TRITON_INTERPRET=1)" in done.stderr
+    assert "pixel unshuffle" in done.stdout
