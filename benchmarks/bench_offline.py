@@ -6,7 +6,9 @@
     python3 benchmarks/bench_offline.py --preset internvl-chat-v1-5 --random-weights --vit-budgets 4,8,16,48
 
 Reports requests/s, output tokens/s, TTFT and TPOT percentiles, ViT tiles/s, and the share of engine time
-spent in preprocessing, ViT, prefill steps and decode-only steps. With --vit-budgets, instead, the 4K-image
+spent in preprocessing, ViT, prefill steps and decode-only steps. The ViT share is device time on CUDA (the engine
+synchronises around each ViT pass); with device preprocessing (--device-preprocessing, default: on with CUDA and
+Triton) images are tiled on the GPU inside that pass, so the tiling moves from the preprocessing share to the ViT's. With --vit-budgets, instead, the 4K-image
 study (benchmarks/vit_stall.py): one 3840x2160 request (41 tiles) arriving beside 8 decoding text streams, its
 TTFT split into preprocessing, queue, ViT and prefill + first token, and the streams' inter-token latency while
 it is encoded, per ViT tile budget; a Markdown table and a PNG (benchmarks/results/vit_stall.png unless --plot
@@ -68,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--max-vit-tiles-per-step", type=int, default=8)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="shard the LLM over N GPUs (N CPU processes on the CPU); the ViT splits its tiles")
+    parser.add_argument("--device-preprocessing", default="auto", choices=["auto", "on", "off"],
+                        help="tile images on the device (uint8 upload + tile_norm) or in the preprocessing workers; "
+                             "auto: on with CUDA and the triton backend")
     parser.add_argument("--vit-budgets", default=None,
                         help="comma list of ViT tiles per step: run the 4K-image study instead (e.g. 4,8,16,48)")
     parser.add_argument("--streams", type=int, default=8, help="decoding text streams beside the 4K request")
@@ -84,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     options = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                   max_vit_tiles_per_step=args.max_vit_tiles_per_step, load_in_8bit=args.quantization == "int8")
+                   max_vit_tiles_per_step=args.max_vit_tiles_per_step, load_in_8bit=args.quantization == "int8",
+                   tensor_parallel_size=args.tensor_parallel_size,
+                   device_preprocessing={"auto": None, "on": True, "off": False}[args.device_preprocessing])
     start = time.perf_counter()
     if args.preset:
         if not args.random_weights:
@@ -122,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     done = [o for o in outputs if not o.error]
     out_tokens = sum(len(o.token_ids) for o in done)
     stats = llm.stats
+    on_device = llm.vision.preprocesses_on_device(llm.config.device_preprocessing)
     print(f"device {llm.runner.device}, dtype {llm.model.dtype}, load {load_seconds:.1f} s, "
-          f"KV blocks {llm.runner.num_blocks} x {llm.config.block_size} tokens")
+          f"KV blocks {llm.runner.num_blocks} x {llm.config.block_size} tokens, images tiled "
+          f"{'on the device' if on_device else 'by the preprocessing workers'}")
     print(f"requests {len(done)} ok / {len(failed)} failed in {elapsed:.2f} s: {len(done) / elapsed:.2f} req/s, "
           f"{out_tokens / elapsed:.1f} output tok/s, {stats['tiles_encoded'] / elapsed:.1f} ViT tiles/s")
     print(f"TTFT  {percentiles([o.metrics.time_to_first_token for o in done])}")

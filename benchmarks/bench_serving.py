@@ -415,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--spawn", action="store_true", help="start `internvl_engine.cli serve` on a free port for the run")
     add("--server-args", default="--tiny", help="extra arguments of the spawned server (default: --tiny)")
     add("--spawn-timeout", type=float, default=300.0, help="s to wait for the spawned server's /health")
+    add("--tensor-parallel-size", type=int, default=1,
+        help="with --spawn: the spawned server's --tensor-parallel-size (default: 1)")
     add("--api-key", default=os.environ.get("INTERNVL_ENGINE_API_KEY"), help="default: $INTERNVL_ENGINE_API_KEY")
     add("--model-name", default=None, help="default: the first id of GET /v1/models")
     add("--num-requests", type=int, default=32)
@@ -469,7 +471,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import httpx
 
-    server = spawned_server(args.server_args, args.spawn_timeout) if args.spawn else \
+    server_args = args.server_args
+    if args.tensor_parallel_size != 1:
+        server_args += f" --tensor-parallel-size {args.tensor_parallel_size}"
+    server = spawned_server(server_args, args.spawn_timeout) if args.spawn else \
         contextlib.nullcontext(args.base_url.rstrip("/"))
     try:
         with server as base_url:

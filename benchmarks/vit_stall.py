@@ -33,7 +33,8 @@ class StallRow:
     itl_during: list[float]
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of `values` by rank; nan when empty."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
@@ -105,7 +106,7 @@ def table(rows: list[StallRow]) -> str:
         lines.append(f"| {r.budget} | {r.tiles} | {ms(r.ttft_s)} | {ms(r.preprocess_s)} | {ms(r.queue_s)} | "
                      f"{ms(r.vit_s)} | {ms(r.prefill_s)} | {r.vit_steps} | "
                      f"{ms(statistics.median(r.itl_before)) if r.itl_before else 'n/a'} | "
-                     f"{ms(_percentile(r.itl_during, 0.5))} | {ms(_percentile(r.itl_during, 0.99))} | "
+                     f"{ms(percentile(r.itl_during, 0.5))} | {ms(percentile(r.itl_during, 0.99))} | "
                      f"{ms(max(r.itl_during)) if r.itl_during else 'n/a'} |")
     return "\n".join(lines)
 

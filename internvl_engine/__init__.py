@@ -2,7 +2,7 @@
 
 The public API mirrors the official model card, plus the engine:
 
-    from internvl_engine import AutoModel, AutoTokenizer, load_image, dynamic_preprocess
+    from internvl_engine import AutoModel, AutoTokenizer, load_image, load_video, dynamic_preprocess
     from internvl_engine import LLM, SamplingParams, AsyncLLM
 
 Names resolve lazily (PEP 562), so importing a submodule such as `internvl_engine.config` stays cheap.
@@ -19,8 +19,10 @@ _EXPORTS = {
     "InternVLChat": "compat",
     "GenerationConfig": "compat",
     "load_image": "preprocessing.cpu",
+    "load_video": "preprocessing.video",
     "dynamic_preprocess": "preprocessing.cpu",
     "ImageLoadError": "preprocessing.image_io",
+    "VideoLoadError": "preprocessing.video",
     "InternVLConfig": "config",
     "ConfigError": "config",
     "WeightLoadError": "models.weights",

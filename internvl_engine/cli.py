@@ -1,5 +1,5 @@
-"""`internvl-engine demo | chat | serve`: one chat turn about an image through the engine (tiles, token counts,
-stage times), or the OpenAI-compatible HTTP server.
+"""`internvl-engine demo | chat | serve | serve-ray`: one chat turn about an image through the engine (tiles, token
+counts, stage times), or the OpenAI-compatible HTTP server (serve-ray: its replicas under Ray Serve).
 
 Errors end the command with one line on stderr, `internvl-engine: error: <message>`: exit status 2 for a bad
 command line, 1 for anything else (a missing file, a corrupt image, a device this machine lacks, a port in use).
@@ -132,17 +132,18 @@ _TRACEBACK_HELP = f"on an error, also print the full Python traceback (or set {D
 def build_parser() -> argparse.ArgumentParser:
     from .engine.llm import EngineConfig
     from .server.launch import add_serve_arguments, dtype_name, int_in_range, serve
+    from .server.ray_serve import add_ray_arguments, serve_ray
 
     max_tiles = EngineConfig.max_tiles_per_image
     parser = _Parser(prog="internvl-engine", formatter_class=_TopFormatter,
                      description="InternVL 1.5 (InternVL-Chat-V1.5, Mini-InternVL-Chat-2B/4B-V1.5) through the "
                      "engine:\ntry the pipeline (demo), chat about an image (chat), or serve an OpenAI-compatible "
-                     "API (serve).",
+                     "API (serve;\nserve-ray: engine replicas under Ray Serve).",
                      epilog="'internvl-engine COMMAND --help' lists a command's options and their defaults.\n"
                      "Errors are one line on stderr, exit status 2 for a bad command line and 1 otherwise;\n"
                      f"--traceback (or {DEBUG_ENV}=1) prints the full traceback too.")
     parser.add_argument("--traceback", action="store_true", help=_TRACEBACK_HELP)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,chat,serve}", title="commands")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,chat,serve,serve-ray}", title="commands")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--max-tiles", type=int_in_range(1, max_tiles), default=None, metavar="N",
                         help=f"most 448x448 tiles an image is cut into, 1 to {max_tiles} (default: the "
@@ -194,6 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(server)
     server.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=_TRACEBACK_HELP)
     server.set_defaults(func=serve)
+
+    ray_server = sub.add_parser(
+        "serve-ray", formatter_class=_Formatter,
+        help="the same API from N engine replicas on a Ray cluster (Ray Serve), routed by image",
+        description="Serve the OpenAI-compatible API of 'serve' from --num-replicas engine replicas under Ray Serve "
+        "(pip install 'internvl-engine[ray]'): one ingress routes each request by the hash of its first image (else "
+        "of its text's start), so a repeated image reaches the replica that cached its features and prefix; Ray "
+        "Serve checks the replicas' health and restarts them. Each response names its replica in the "
+        "x-internvl-replica header. Starts a local Ray cluster unless --ray-address is given; for Kubernetes, point "
+        "a KubeRay RayService at internvl_engine.server.ray_serve:app_builder (deploy/kuberay-rayservice.yaml).")
+    add_ray_arguments(ray_server)
+    ray_server.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=_TRACEBACK_HELP)
+    ray_server.set_defaults(func=serve_ray)
     return parser
 
 

@@ -8,28 +8,28 @@ seq_lens[s] - 1, sees only its last w keys) lo = max(0, seq_lens[s] - w). Block-
 cdiv(seq_lens[s], block_size) are never read (they may be -1 or garbage), nor those wholly before lo.
 
 Design. Pass 1 grid (num_seqs, num_kv_heads, num_splits): one program owns ALL query heads of one KV head (a
-[GROUP_PAD >= 16, head_dim] query tile) and one split of the context (a whole number of KV blocks), so each K/V
-tile is loaded once per KV head and q.K^T, P.V are tl.dot tensor-core products; MHA (group 1) instead uses a
-broadcast-multiply-sum on a single query row (a dot would waste 15/16 of it). Tiles of TILE_N tokens are gathered
-through the block table token by token (so tiles need not align with pages), online softmax in fp32 (exp2, scale
-folded into log2 units). Splits write fp32 partials (unnormalised acc, running max, sum of exps); pass 2 (one
-program per (sequence, query head)) merges the splits with the log-sum-exp rule, skipping splits that hold no
-token of that sequence. With a single split pass 1 normalises and writes `out` itself (no scratch, no pass 2).
-All block-id * stride offsets are int64 (caches with > 2**31 elements work).
+[GROUP_PAD >= 16, head_dim] query tile) and one split of the context, so each K/V tile is loaded once per KV head
+and q.K^T, P.V are tl.dot tensor-core products; MHA (group 1) instead uses a broadcast-multiply-sum on a single
+query row (a dot would waste 15/16 of it). Tiles of TILE_N tokens are gathered through the block table token by
+token (so tiles need not align with pages), online softmax in fp32 (exp2, scale folded into log2 units). Splits
+write fp32 partials (unnormalised acc, running max, sum of exps); pass 2 (one program per (sequence, query
+head)) merges the splits with the log-sum-exp rule. With a single split pass 1 normalises and writes `out`
+itself (no scratch, no pass 2). All block-id * stride offsets are int64 (caches with > 2**31 elements work).
 
-num_splits=None picks splits from block_tables.shape[1] (not from seq_lens: no host sync, CUDA-graph friendly)
-so that num_seqs * num_kv_heads * num_splits >= 2 * SMs where each split still has >= _MIN_SPLIT_TOKENS tokens.
-Splits past the end of a shorter sequence exit after zero iterations and are ignored by pass 2.
+Splits are sized per sequence ON THE DEVICE from its own seq_len: its attended keys [lo, seq_len) are cut into
+splits of max(min_split_tokens, cdiv(span, num_splits) rounded up to whole tiles) tokens, so the valid splits of a
+sequence are [0, cdiv(span, that)) <= num_splits. The grid is fixed by shapes alone (no host sync; a CUDA graph
+captured for the longest context replays for any), a short context still spreads over several programs, and a
+split past its sequence's keys returns at once: it loads and stores nothing, and pass 2, which recomputes the
+same size, reads only the valid splits. num_splits=None picks the count from block_tables.shape[1] so that
+num_seqs * num_kv_heads * num_splits >= 2 * SMs for the longest sequence the table holds, with splits of at
+least _MIN_SPLIT_TOKENS tokens; a given num_splits divides each sequence evenly (no minimum).
 
-Sliding window (a constexpr path: without one the kernels are exactly the windowless ones). The splits stay
-fixed ranges of the table; each split starts its loop at max(its first token, lo), so tiles wholly before the
-window are never loaded (the split holding lo starts its first tile at lo itself, not on a page or tile
-boundary: tokens are gathered one by one anyway, and no lane falls before lo, so no extra mask). Splits wholly before the window
-then run zero iterations, like the empty splits past the end: the valid splits of a sequence are the
-contiguous range [lo // tokens_per_split, cdiv(seq_len, tokens_per_split)), and pass 2 merges exactly that
-range (each split in it holds >= 1 window token, so no merge sees an empty partial). A window >= the table's
-capacity (max_blocks * block_size) can never bind and takes the windowless kernels (e.g. Mini-InternVL-4B's
-262144-token window over a 131072-token context).
+Sliding window (a constexpr path: without one the kernels are exactly the windowless ones): lo = seq_len - w, and
+the splits divide [lo, seq_len) only, so no tile wholly before the window is loaded (the first split starts at lo
+itself, not on a page or tile boundary: tokens are gathered one by one anyway, and no lane falls before lo, so no
+extra mask). A window >= the table's capacity (max_blocks * block_size) can never bind and takes the windowless
+kernels (e.g. Mini-InternVL-4B's 262144-token window over a 131072-token context).
 
 Full-size shapes (head_dim 128, block_size 16 or 32, fp16/bf16):
     InternLM2-20B (InternVL-Chat-V1.5): q [batch, 48, 128], caches [num_blocks, block_size, 8, 128]
@@ -37,7 +37,7 @@ Full-size shapes (head_dim 128, block_size 16 or 32, fp16/bf16):
     Phi-3-mini (Mini-InternVL-4B):      q [batch, 32, 96],  caches [num_blocks, block_size, 32, 96]  (MHA)
 Bytes moved per call (memory bound; report GB/s):
     sum(seq_lens) * num_kv_heads * head_dim * 2 (K and V) * elem  +  2 * num_seqs * num_q_heads * head_dim * elem
-(+ split scratch: num_seqs * num_q_heads * num_splits * (head_dim + 2) * 4 bytes written and read when > 1 split).
+(+ split scratch: (head_dim + 2) * 4 bytes per (sequence, query head, valid split), written and read when > 1 split).
 FLOPs (for reference): 4 * sum(seq_lens) * num_q_heads * head_dim.
 """
 from __future__ import annotations
@@ -55,6 +55,25 @@ _SPLIT_TILE = 32  # splits merged per iteration of pass 2
 
 
 @triton.jit
+def _window_start(seq_len, window, HAS_WINDOW: tl.constexpr):
+    """First key the query (at seq_len - 1) attends to: seq_len - window, or 0."""
+    if HAS_WINDOW:
+        lo = tl.maximum(seq_len - window, 0)
+    else:
+        lo = seq_len * 0
+    return lo
+
+
+@triton.jit
+def _split_tokens(span, num_splits, min_split_tokens, TILE_N: tl.constexpr):
+    """Tokens per split of a sequence attending to `span` keys: span / num_splits rounded up to whole tiles, at
+    least min_split_tokens. Decided per sequence on the device, so a grid fixed for the longest possible context
+    (a CUDA graph's) spreads a short context over as many splits as it fills."""
+    even = tl.cdiv(tl.cdiv(span, num_splits), TILE_N) * TILE_N
+    return tl.maximum(even, min_split_tokens)
+
+
+@triton.jit
 def _paged_decode_split_kernel(
     q_ptr,  # [num_seqs, num_q_heads, head_dim]
     k_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -66,7 +85,7 @@ def _paged_decode_split_kernel(
     m_ptr,  # [num_seqs, num_q_heads, num_splits] fp32 scratch: running max of the logits in log2 units
     l_ptr,  # [num_seqs, num_q_heads, num_splits] fp32 scratch: sum of exp2(logit - max)
     qk_scale,  # scale * log2(e)
-    tokens_per_split,  # multiple of block_size
+    min_split_tokens,  # multiple of TILE_N: no split is shorter (0: the context is divided evenly)
     window,  # sliding window in tokens (read only when HAS_WINDOW)
     stride_qs, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
@@ -89,12 +108,12 @@ def _paged_decode_split_kernel(
     kvh = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, seq_len)  # start >= end: empty split, zero iterations
-    if HAS_WINDOW:
-        # Keys [seq_len - window, seq_len) only: skip what precedes the window (a split wholly before it
-        # becomes empty). start >= 0 already, so a window longer than the sequence changes nothing.
-        start = tl.maximum(start, seq_len - window)
+    lo = _window_start(seq_len, window, HAS_WINDOW)
+    tokens_per_split = _split_tokens(seq_len - lo, tl.num_programs(2), min_split_tokens, TILE_N)
+    start = lo + split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
+    if start >= end:
+        return  # past this sequence's context: nothing is loaded or stored (pass 2 never reads this split)
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM_PAD)
@@ -140,7 +159,7 @@ def _paged_decode_split_kernel(
 
     row_mask = g_mask[:, None] & d_mask[None, :]
     if WRITE_OUT:
-        out = acc / l_i[:, None]  # a single split holds every window token, >= 1: l_i > 0
+        out = acc / l_i[:, None]  # a single split holds every attended token, >= 1: l_i > 0
         tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :] * stride_od,
                  out.to(out_ptr.dtype.element_ty), mask=row_mask)
     else:
@@ -158,7 +177,7 @@ def _paged_decode_reduce_kernel(
     l_ptr,  # [num_seqs, num_q_heads, num_splits] fp32
     seq_lens_ptr,  # [num_seqs] int32
     out_ptr,  # [num_seqs, num_q_heads, head_dim]
-    tokens_per_split,
+    min_split_tokens,  # as in pass 1
     num_splits,
     window,  # sliding window in tokens (read only when HAS_WINDOW)
     stride_as, stride_ah, stride_ap,
@@ -167,18 +186,16 @@ def _paged_decode_reduce_kernel(
     head_dim,
     SPLIT_TILE: tl.constexpr,  # power of two
     HEAD_DIM_PAD: tl.constexpr,
+    TILE_N: tl.constexpr,  # pass 1's
     HAS_WINDOW: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + seq)
-    # Splits [first, n_valid) hold >= 1 (window) token of this sequence; the others ran zero iterations (their
-    # m = -inf, l = 0 would merge as nothing, but they are not even read). first <= n_valid - 1 as seq_len >= 1.
-    n_valid = tl.minimum((seq_len + tokens_per_split - 1) // tokens_per_split, num_splits)
-    if HAS_WINDOW:
-        first = tl.maximum(seq_len - window, 0) // tokens_per_split
-    else:
-        first = 0
+    # Pass 1's split size for this sequence: splits [0, n_valid) hold its tokens (>= 1 each, so no merge sees
+    # an empty partial); the others stored nothing and are not read. n_valid <= num_splits by construction.
+    span = seq_len - _window_start(seq_len, window, HAS_WINDOW)
+    n_valid = tl.cdiv(span, _split_tokens(span, num_splits, min_split_tokens, TILE_N))
     sp = tl.arange(0, SPLIT_TILE)
     d = tl.arange(0, HEAD_DIM_PAD)
     d_mask = d < head_dim
@@ -187,7 +204,7 @@ def _paged_decode_reduce_kernel(
     m_run = tl.full([1], float("-inf"), dtype=tl.float32)
     l_run = tl.zeros([1], dtype=tl.float32)
     o_run = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
-    for s0 in range(first, n_valid, SPLIT_TILE):  # online log-sum-exp over chunks of splits
+    for s0 in range(0, n_valid, SPLIT_TILE):  # online log-sum-exp over chunks of splits
         s_idx = s0 + sp
         s_mask = s_idx < n_valid  # each chunk starts on a valid split, so m_new is finite
         m = tl.load(m_ptr + ml_row + s_idx, mask=s_mask, other=float("-inf"))  # [SPLIT_TILE]
@@ -278,8 +295,10 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  validate: bool = True, sliding_window: int | None = None) -> torch.Tensor:
     """Decode attention over a paged KV cache -> [num_seqs, num_q_heads, head_dim] in q's dtype.
 
-    num_splits: None picks it (see `choose_num_splits`); an int forces it (splits past a sequence's end, or wholly
-    before its window, are empty).
+    num_splits: the grid's splits per (sequence, KV head). None picks it from the shapes (see `choose_num_splits`;
+    each split then holds >= _MIN_SPLIT_TOKENS tokens); an int divides each sequence's keys into at most that
+    many whole-tile splits. Either way a sequence uses only the splits its own seq_len fills (decided on the
+    device); the others return at once.
     validate=False skips the seq_lens range check, the only one that reads tensor data (host sync on GPU).
     sliding_window: None (attend to the whole context) or an int w >= 1: the query, at position seq_lens[s] - 1,
     attends to keys [max(0, seq_lens[s] - w), seq_lens[s]) only.
@@ -299,17 +318,16 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         sliding_window = None  # longer than any sequence the table can hold: never binds
     has_window = sliding_window is not None
 
-    if num_splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else _DEFAULT_SMS
-        num_splits, blocks_per_split = choose_num_splits(num_seqs, num_kv_heads, max_blocks, block_size, sms)
-    else:
-        blocks_per_split = max(1, -(-max_blocks // num_splits))
-    tokens_per_split = blocks_per_split * block_size
-
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     use_dot = group > 1
-    group_pad = max(16, triton.next_power_of_2(group)) if use_dot else 1
     tile_n, num_warps = _launch_config(head_dim_pad, use_dot)
+    if num_splits is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else _DEFAULT_SMS
+        num_splits, _ = choose_num_splits(num_seqs, num_kv_heads, max_blocks, block_size, sms)
+        min_split_tokens = -(-_MIN_SPLIT_TOKENS // tile_n) * tile_n
+    else:
+        min_split_tokens = 0
+    group_pad = max(16, triton.next_power_of_2(group)) if use_dot else 1
     write_out = num_splits == 1
     if write_out:  # dummies: never dereferenced
         acc = m = l = out.new_empty((1, 1, 1, 1), dtype=torch.float32)
@@ -319,7 +337,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         l = torch.empty_like(m)
     _paged_decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, acc, m, l,
-        float(scale) * math.log2(math.e), tokens_per_split, sliding_window if has_window else 0,
+        float(scale) * math.log2(math.e), min_split_tokens, sliding_window if has_window else 0,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
         head_dim, group,
@@ -328,10 +346,10 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     )
     if not write_out:
         _paged_decode_reduce_kernel[(num_seqs, num_q_heads)](
-            acc, m, l, seq_lens, out, tokens_per_split, num_splits, sliding_window if has_window else 0,
+            acc, m, l, seq_lens, out, min_split_tokens, num_splits, sliding_window if has_window else 0,
             acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), *out.stride(),
             head_dim, SPLIT_TILE=min(_SPLIT_TILE, triton.next_power_of_2(num_splits)), HEAD_DIM_PAD=head_dim_pad,
-            HAS_WINDOW=has_window, num_warps=4,
+            TILE_N=tile_n, HAS_WINDOW=has_window, num_warps=4,
         )
     return out
 

@@ -15,7 +15,8 @@ passes (see `pil_resample`); here:
 When Pillow skips a pass (an axis keeps its length) only the second kernel runs, on the image itself; a
 same-size resize runs it with an identity table. The thumbnail is the same one or two launches with its
 own tables, writing tile ``num_tiles - 1``. Integer weights and bounds are built on the host in float64
-(`pil_resample.pass_tables`); they are a few KB and never cached.
+(`pil_resample.pass_tables`); they are a few KB and never cached, and reach the device by non-blocking
+copies from pinned memory: a call never makes the host wait for the GPU (the engine queues it before the ViT).
 
 Full size: image [H, W, 3] uint8 (e.g. 2160 x 3840), S = 448, up to 40 tiles + thumbnail. Bytes moved per
 call (`tile_norm_bytes`): H*W*3 read per resize (grid, and thumbnail when there is one)
@@ -160,6 +161,16 @@ def _block_shape(device: torch.device, rows: int, cols: int) -> tuple[int, int]:
     return (min(128, max(16, triton.next_power_of_2(rows))), min(128, max(16, triton.next_power_of_2(cols))))
 
 
+def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host table (a few KB) on `device` without a host sync. A plain host-to-device copy synchronises
+    the stream (it would wait for every kernel queued before it, e.g. the previous image's and the ViT's), so on
+    CUDA the table goes through pinned memory and a non-blocking copy; torch's host allocator keeps the pinned
+    block until that copy has run."""
+    if device.type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
+
+
 def _resize_into(image: torch.Tensor, out: torch.Tensor, lut: torch.Tensor, cols: int, rows: int,
                  tile_size: int, first_tile: int) -> None:
     """Resize `image` to (tile_size * cols, tile_size * rows) as Pillow does and write its tiles, normalised,
@@ -180,7 +191,7 @@ def _resize_into(image: torch.Tensor, out: torch.Tensor, lut: torch.Tensor, cols
         grid = (triton.cdiv(mid_h, mid_block[0]), triton.cdiv(mid_w, mid_block[1]))
         _first_pass_kernel[grid](
             src, src.stride(0), src.stride(1), src.stride(2), mid, mid_h, mid_w,
-            bounds.to(device), coeffs.to(device), coeffs.shape[1], int(bounds[:, 1].max()),
+            _to_device(bounds, device), _to_device(coeffs, device), coeffs.shape[1], int(bounds[:, 1].max()),
             VERTICAL=vertical, PREC=PRECISION_BITS, BLOCK_R=mid_block[0], BLOCK_C=mid_block[1])
         src = mid
     vertical, bounds, coeffs = passes[-1]
@@ -188,7 +199,7 @@ def _resize_into(image: torch.Tensor, out: torch.Tensor, lut: torch.Tensor, cols
     _second_pass_norm_kernel[grid](
         src, src.stride(0), src.stride(1), src.stride(2),
         out, out.stride(0), out.stride(1), out.stride(2), lut,
-        bounds.to(device), coeffs.to(device), coeffs.shape[1], int(bounds[:, 1].max()),
+        _to_device(bounds, device), _to_device(coeffs, device), coeffs.shape[1], int(bounds[:, 1].max()),
         cols, first_tile, tile_size,
         VERTICAL=vertical, PREC=PRECISION_BITS, BLOCK_R=block_r, BLOCK_C=block_c,
         # 4 warps over a 32x64 block hit 255 registers and spilled on sm_90 (vertical second pass, ptxas -v);
@@ -210,7 +221,7 @@ def tile_norm(image: torch.Tensor, plan: TilePlan, image_size: int = 448,
     size = image_size
     out = torch.empty((plan.num_tiles, 3, size, size), dtype=out_dtype, device=image.device)
     # The exact float32 Normalize(ToTensor(byte)) per channel, cast once here with torch's rounding.
-    lut = normalization_lut(mean, std).to(out_dtype).contiguous().to(image.device)
+    lut = _to_device(normalization_lut(mean, std).to(out_dtype).contiguous(), image.device)
     _resize_into(image, out, lut, plan.cols, plan.rows, size, 0)
     if plan.thumbnail:
         _resize_into(image, out, lut, 1, 1, size, plan.num_tiles - 1)

@@ -24,7 +24,7 @@ from internvl_engine.preprocessing.image_io import ImageLoadError, ImageTooLarge
 
 from golden_utils import MODELS, checkpoint
 
-COMMANDS = ("demo", "chat", "serve")
+COMMANDS = ("demo", "chat", "serve", "serve-ray")
 
 
 def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

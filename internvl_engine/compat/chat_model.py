@@ -87,7 +87,8 @@ class InternVLChat(InternVLChatModel):
                 options["kv_cache_bytes"] = wanted * LLM.kv_cache_bytes_per_block(self, block_size)
                 # the engine refuses a max_model_len its cache cannot hold; this call's rows fit in what it holds
                 options.setdefault("max_model_len", min(self.max_context_length, (wanted - 1) * block_size))
-            options = {"max_num_seqs": 256, "max_waiting": 1 << 30,
+            # the official chat has no image-count limit (a video's 32 frames are 32 images)
+            options = {"max_num_seqs": 256, "max_waiting": 1 << 30, "max_images_per_request": None,
                        "max_model_len": self.max_context_length, **options}
             self._llm = None  # free the old cache before allocating the new one
             self._llm = llm = LLM.from_model(self, tokenizer, **options)

@@ -84,10 +84,19 @@ class AsyncLLM:
                                      f"(limit {config.max_pending})")
             self._num_preprocessing += 1
         deadline = None if config.timeout_s is None else time.monotonic() + config.timeout_s
+        queued_at = time.perf_counter()
 
         def work() -> PreparedRequest:
+            started = time.perf_counter()
             inputs = resolve(request) if resolve is not None else request
-            return self.llm.prepare(inputs, sampling_params, request_id, deadline=deadline)
+            resolved = time.perf_counter()
+            prepared = self.llm.prepare(inputs, sampling_params, request_id, deadline=deadline)
+            tracer = self.llm.tracer
+            if tracer.enabled:  # the pool's share of the request's lane: waiting for a worker, fetching media
+                tracer.span(prepared.request_id, "preprocess queue", queued_at, started)
+                if resolve is not None:
+                    tracer.span(prepared.request_id, "resolve", started, resolved)
+            return prepared
 
         try:
             future = self._preprocess_pool.submit(work)
@@ -189,6 +198,7 @@ class AsyncLLM:
         """Stop the pools (queued preprocessing is dropped); the engine must not be used afterwards."""
         self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
         self._engine_thread.shutdown(wait=False, cancel_futures=True)
+        self.llm.close()  # writes the trace, if any
 
     # ---- the engine loop ----
     def _ensure_running(self) -> None:

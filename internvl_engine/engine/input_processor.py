@@ -4,6 +4,8 @@ A request is one of (a plain string is a "prompt"):
 - {"prompt": question, "images": [paths, bytes, PIL images, data URLs], "max_tiles": n}: one chat turn, built
   as `model.chat(..., history=None)` builds it;
 - {"messages": OpenAI-style messages, "max_tiles": n}: the conversation's turns, images where they stand;
+- either with "videos" (prompt) or video parts (messages): each video's sampled frames become images named
+  `Frame1: <image>\\n...` as the model cards name them ("num_frames", "max_tiles_per_frame"; preprocessing/video.py);
 - {"text": string}: a prompt tokenised as it is, with no chat template (the tokenizer adds BOS): /v1/completions;
 - {"prompt_token_ids": ids, "pixel_values": [[tiles, 3, S, S] per image], "left_padding": n}: a tokenised
   prompt whose `<IMG_CONTEXT>` runs are filled, in order, by the images' tiles (256 tokens each), or by
@@ -28,8 +30,11 @@ from PIL import Image
 
 from ..config import InternVLConfig
 from ..preprocessing.cpu import image_to_pixel_values
+from ..preprocessing.device import HostImage, host_image
 from ..preprocessing.image_io import ImageLimits, ImageLoadError, ImageTooLargeError, OpenedImage, open_image
-from ..preprocessing.tiling import check_tiling_args, plan_tiles
+from ..preprocessing.tiling import TilePlan, check_tiling_args, plan_tiles
+from ..preprocessing.video import (VideoFrameSlot, VideoLimits, add_request_videos, add_video_part, max_tiles_of,
+                                   num_images)
 from ..text.templates import (IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, build_prompt, expand_image_placeholders,
                               prepare_chat_query)
 from ..text.llama_tokenizer import Tokenizer
@@ -44,18 +49,20 @@ class InputLimits:
     image: ImageLimits = field(default_factory=ImageLimits)
     max_images: int | None = 16  # images per request
     max_prompt_chars: int | None = 1 << 20  # characters of all the request's text (1M: ~250K tokens)
+    video: VideoLimits = field(default_factory=VideoLimits)  # each video, and videos per request
 
 
 @dataclass
 class ProcessedInput:
     prompt_token_ids: list[int]
     images: list[ImageSpan]
-    pixel_values: dict[str, torch.Tensor]  # content hash -> [tiles, 3, 448, 448], for the ViT
+    # content hash -> [tiles, 3, 448, 448] for the ViT, or (device_preprocessing) the decoded image they come from
+    pixel_values: dict[str, torch.Tensor | HostImage]
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # content hash -> [tokens, hidden], given
     left_padding: int = 0
 
 
-def _messages_to_turns(messages: Sequence[Mapping[str, Any]]
+def _messages_to_turns(messages: Sequence[Mapping[str, Any]], request: Mapping[str, Any] | None = None
                        ) -> tuple[str | None, list[tuple[str, str]], str | None, list]:
     """OpenAI messages -> (system, history pairs, last user text, images in order). Image parts become <image>.
 
@@ -77,6 +84,8 @@ def _messages_to_turns(messages: Sequence[Mapping[str, Any]]
                     url = part.get("image_url", {}).get("url") if part.get("type") == "image_url" else part.get("image")
                     images.append(url)
                     parts.append(IMAGE_PLACEHOLDER + "\n")
+                elif part.get("type") in ("video", "video_url"):  # its frames, each an image, named Frame1: ...
+                    parts.append(add_video_part(part, images, request or {}))
                 else:
                     raise ValueError(f"unsupported message content part type {part.get('type')!r}")
             text = "".join(parts)
@@ -127,11 +136,30 @@ def _decode_image_source(source: Any) -> Any:
     return source
 
 
-def _content_hash(image: Image.Image, num_tiles: int) -> str:
+def _content_hash(image: Image.Image, num_tiles: int, packed: bytes | None = None) -> str:
+    """The image's cache key; `packed`, if given, is `image.tobytes()` already made (the same key either way)."""
     digest = hashlib.sha256()
     digest.update(f"{image.width}x{image.height}:{num_tiles}:".encode())
-    digest.update(image.tobytes())
+    digest.update(image.tobytes() if packed is None else packed)
     return digest.hexdigest()
+
+
+def _add_image(pixel_values: dict[str, torch.Tensor | HostImage], image: Image.Image, plan: TilePlan,
+               image_size: int, on_device: bool) -> str:
+    """Hash a decoded RGB image and, unless an equal one is in `pixel_values` already, add what the ViT takes:
+    its float32 tiles (the CPU path), or with `on_device` its uint8 pixels as a HostImage for the engine to tile
+    on its device (one `tobytes()` serves the hash and the upload buffer). Returns the content hash, the same
+    on both paths."""
+    if not on_device:
+        key = _content_hash(image, plan.num_tiles)
+        if key not in pixel_values:
+            pixel_values[key] = image_to_pixel_values(image, plan, image_size)
+        return key
+    packed = image.tobytes()
+    key = _content_hash(image, plan.num_tiles, packed)
+    if key not in pixel_values:
+        pixel_values[key] = host_image(packed, image.width, image.height, plan, image_size)
+    return key
 
 
 def tensor_hash(tensor: torch.Tensor) -> str:
@@ -253,11 +281,13 @@ def _which_image(number: int, count: int) -> str:
 def process_request(request: Mapping[str, Any] | str, tokenizer: Tokenizer, config: InternVLConfig,
                     template: str, system_message: str, limits: InputLimits = InputLimits(),
                     check_length: Callable[[int], None] | None = None,
-                    deadline: float | None = None) -> ProcessedInput:
+                    deadline: float | None = None, device_preprocessing: bool = False) -> ProcessedInput:
     """One request (see the module's docstring), tokenised, its images opened and tiled.
 
     `check_length(num_prompt_tokens)` raises when the prompt (images included) is too long; it runs before any
     image is decoded. `deadline` (time.monotonic()) is checked between images: InputLimitError past it.
+    `device_preprocessing`: images are decoded and planned but not tiled; each is kept as a `HostImage` (uint8)
+    for the engine to tile on its device (EngineConfig.device_preprocessing). Content hashes do not change.
     """
     request = {"prompt": request} if isinstance(request, str) else dict(request)
     context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
@@ -271,14 +301,15 @@ def process_request(request: Mapping[str, Any] | str, tokenizer: Tokenizer, conf
         return _text_request(request["text"], tokenizer, context_id, config, check_length)
     max_tiles = request.get("max_tiles", config.max_dynamic_patch)
     if "messages" in request:
-        system, history, question, sources = _messages_to_turns(request["messages"])
+        system, history, question, sources = _messages_to_turns(request["messages"], request)
         system = system if system is not None else system_message
     else:
         if "prompt" not in request:
             raise ValueError("a request needs 'prompt', 'messages' or 'prompt_token_ids'")
         question, history, system = request["prompt"], None, system_message
         sources = list(request.get("images") or [])
-    _check_count(len(sources), limits)
+        question, sources = add_request_videos(question, sources, request)  # "videos": frames among the images
+    _check_count(num_images(sources, limits.video), limits)
     try:
         check_tiling_args(1, int(max_tiles), config.image_size)
     except (ValueError, TypeError) as err:
@@ -287,11 +318,14 @@ def process_request(request: Mapping[str, Any] | str, tokenizer: Tokenizer, conf
     try:
         for number, source in enumerate(sources, 1):  # headers only: sizes checked, tiles planned, nothing decoded yet
             try:
-                opened.append(open_image(_decode_image_source(source), limits.image))
+                opened.append(source.open(limits.video, lambda: _check_deadline(deadline))
+                              if isinstance(source, VideoFrameSlot)
+                              else open_image(_decode_image_source(source), limits.image))
             except ImageLoadError as err:  # same type (and .limit), the message says which image
                 err.args = (f"{_which_image(number, len(sources))}: {err}",)
                 raise
-        plans = [plan_tiles(*image.size, 1, int(max_tiles), config.image_size, config.use_thumbnail)
+        plans = [plan_tiles(*image.size, 1, max_tiles_of(image, int(max_tiles)), config.image_size,
+                            config.use_thumbnail)
                  for image in opened]
         tiles_per_image = [plan.num_tiles for plan in plans]
         if history or question is None:
@@ -312,10 +346,7 @@ def process_request(request: Mapping[str, Any] | str, tokenizer: Tokenizer, conf
                 err.args = (f"{_which_image(index + 1, len(sources))}: {err}",)
                 raise
             opened[index] = None
-            key = _content_hash(decoded, plan.num_tiles)
-            if key not in pixel_values:
-                pixel_values[key] = image_to_pixel_values(decoded, plan, config.image_size)
-            hashes.append(key)
+            hashes.append(_add_image(pixel_values, decoded, plan, config.image_size, device_preprocessing))
     finally:
         for image in opened:
             if image is not None:

@@ -24,6 +24,7 @@ from ..devices import resolve_device
 from ..models.internvl_chat import InternVLChatModel
 from ..models.loader import load_model, resolve_dtype
 from ..preprocessing.image_io import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLimits
+from ..preprocessing.video import VideoLimits
 from ..text.templates import IMG_CONTEXT_TOKEN, get_template
 from ..text.llama_tokenizer import Tokenizer, load_tokenizer
 from ..worker.model_runner import ModelRunner
@@ -41,6 +42,7 @@ from .request import FinishReason, ImageSpan, Request
 from .request_state import PreparedRequest, RequestState, make_generator
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, TileSlice
+from .trace import DISABLED, Tracer, trace_step
 from .vision_work import VisionWork
 
 logger = logging.getLogger(__name__)
@@ -67,16 +69,49 @@ class EngineConfig:
     max_image_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO
     max_images_per_request: int | None = 16
     max_prompt_chars: int | None = 1 << 20
+    # Videos (preprocessing/video.py): bytes, size, duration and frames of one video, frames sampled, videos per request
+    max_video_bytes: int | None = VideoLimits.max_bytes
+    max_video_duration_s: float | None = VideoLimits.max_duration_s
+    max_video_total_frames: int | None = VideoLimits.max_total_frames
+    max_video_side: int | None = VideoLimits.max_side
+    max_video_pixels: int | None = VideoLimits.max_pixels
+    max_video_frames: int | None = VideoLimits.max_frames
+    max_videos_per_request: int | None = VideoLimits.max_videos
     enable_prefix_caching: bool = True
     backend: str = "auto"
     static_decode: bool | None = None  # decode steps on static buffers + CUDA graphs; None: on CUDA only
+    # Capture every batch bucket's CUDA graph while the engine starts (a tqdm bar); False: each bucket when a step
+    # first needs it (a faster start, a slower first step at each batch size). Only with CUDA graphs.
+    capture_graphs_at_startup: bool = True
+    # Images tiled on the model's device (uint8 upload + kernels.tile_norm) instead of by the preprocessing workers;
+    # the same pixels and cache keys either way. None: on with CUDA and the triton backend (see engine/vision_work.py)
+    device_preprocessing: bool | None = None
     # max_tokens of a request whose SamplingParams.max_tokens is None (within the context left); None: no cap
     default_max_tokens: int | None = None
+    # Chrome trace events of requests and steps (engine/trace.py) to this JSON file, rotated past trace_max_file_bytes
+    # into at most trace_max_files files; events wait in a ring of trace_max_events between flushes. None: off.
+    trace_path: str | None = None
+    trace_max_events: int = 100_000
+    trace_max_file_bytes: int = 16 << 20
+    trace_max_files: int = 4
+    # Ranks of the LLM's tensor parallelism (worker/tensor_parallel_runner.py): N > 1 shards the LLM over N devices
+    # (cuda:i .. cuda:i+N-1 from the engine's device, or N CPU processes over gloo) and splits each step's ViT tiles
+    # over them; it must divide the LLM's attention and KV heads.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1):
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
         if self.default_max_tokens is not None and not (isinstance(self.default_max_tokens, int)
                                                         and self.default_max_tokens >= 1):
             raise ValueError(f"default_max_tokens must be a positive integer or None, got {self.default_max_tokens!r}")
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction!r}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be positive or None, got {self.kv_cache_bytes!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2 (a prompt token and an output), got "
+                             f"{self.max_model_len!r}")
 
 
 class LLM:
@@ -94,7 +129,15 @@ class LLM:
         config = EngineConfig(**options)
         device = resolve_device(device)  # a bad name, or CUDA where there is none: one line saying what to do
         target = resolve_dtype(dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-        if preset is not None:
+        if config.tensor_parallel_size > 1:  # this process is rank 0: it loads its own shard only
+            from ..worker.tensor_parallel_runner import load_driver_shard
+
+            if model_path is None and (preset is None or tokenizer is None):
+                raise ValueError("LLM needs a checkpoint path, or preset=... with tokenizer=... for random weights")
+            model = load_driver_shard(model_path, preset, target, device, seed, load_in_8bit, progress,
+                                      config.tensor_parallel_size)
+            tokenizer = tokenizer if tokenizer is not None else model_path
+        elif preset is not None:
             from ..models.presets import build_random_model
 
             if tokenizer is None:
@@ -122,7 +165,11 @@ class LLM:
         self.config = config
         self.input_limits = InputLimits(
             ImageLimits(config.max_image_pixels, config.max_image_side, config.max_image_aspect_ratio),
-            config.max_images_per_request, config.max_prompt_chars)
+            config.max_images_per_request, config.max_prompt_chars,
+            VideoLimits(max_bytes=config.max_video_bytes, max_duration_s=config.max_video_duration_s,
+                        max_frames=config.max_video_frames, max_total_frames=config.max_video_total_frames,
+                        max_side=config.max_video_side, max_pixels=config.max_video_pixels,
+                        max_videos=config.max_videos_per_request))
         self.model = model.set_backend(config.backend)
         self.tokenizer = tokenizer
         if model.img_context_token_id is None:
@@ -133,8 +180,20 @@ class LLM:
         kv_cache_bytes = config.kv_cache_bytes
         if kv_cache_bytes is None and model.device.type != "cuda":
             kv_cache_bytes = self.default_cpu_kv_cache_bytes(model, config, wanted_len)
-        self.runner = ModelRunner(model, config.block_size, kv_cache_bytes, config.kv_cache_fraction,
-                                  wanted_len, config.max_num_seqs, config.static_decode)
+        # Each running request takes a token of every step, so no more than max_num_batched_tokens ever run (the
+        # model card's calls ask for 256 with any budget). The scheduler refuses the inconsistent pair; the engine
+        # says so and uses the budget, which also captures no CUDA graph for a batch that cannot occur.
+        max_num_seqs = min(config.max_num_seqs, config.max_num_batched_tokens)
+        if max_num_seqs < config.max_num_seqs:
+            logger.warning("max_num_batched_tokens (%d) is below max_num_seqs (%d): at most %d requests run at once; "
+                           "raise max_num_batched_tokens (--max-num-batched-tokens) or lower max_num_seqs "
+                           "(--max-num-seqs)", config.max_num_batched_tokens, config.max_num_seqs, max_num_seqs)
+        runner_class = ModelRunner
+        if config.tensor_parallel_size > 1:
+            from ..worker.tensor_parallel_runner import TPModelRunner as runner_class
+        self.runner = runner_class(model, config.block_size, kv_cache_bytes, config.kv_cache_fraction,
+                                   wanted_len, max_num_seqs, config.static_decode,
+                                   capture_graphs_at_startup=config.capture_graphs_at_startup)
         capacity = self.runner.num_blocks * config.block_size
         max_model_len = self._effective_max_model_len(config, wanted_len, capacity)
         model_len = model.config.llm.max_context_length
@@ -149,16 +208,21 @@ class LLM:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_vit_tiles_per_step=config.max_vit_tiles_per_step, max_model_len=max_model_len,
             max_waiting=config.max_waiting, block_size=config.block_size),
             self.block_manager, self._tiles_ready)
         self.feature_cache = FeatureCache(config.feature_cache_bytes)
         self.vision = VisionWork(model, self.feature_cache)
+        if config.tensor_parallel_size > 1:  # a step's tiles split over the ranks (ViT data parallelism)
+            self.vision.extract_feature = self.runner.extract_feature
         self._states: dict[str, RequestState] = {}
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.last_step_sampled: list[str] = []  # request ids that got a token in the last step (streaming)
+        self.tracer = DISABLED if config.trace_path is None else Tracer(
+            config.trace_path, config.trace_max_events, config.trace_max_file_bytes, config.trace_max_files)
+        self._forward_end = 0.0  # when the last forward's logits were ready (traces only)
         # Seconds and counts by stage, for benchmarks (bench_offline.py prints their shares).
         self.stats = {"preprocess_s": 0.0, "vit_s": 0.0, "prefill_step_s": 0.0, "decode_step_s": 0.0,
                       "tiles_encoded": 0, "steps": 0, "request_errors": {}}
@@ -216,6 +280,9 @@ class LLM:
         (time.monotonic()) is checked between images.
         """
         request_id = request_id or str(next(self._ids))
+        failure = getattr(self.runner, "failure", None)  # a tensor-parallel rank died: fail at once
+        if failure is not None:
+            raise RuntimeError(failure)
         params = sampling_params or SamplingParams()
         arrival = time.perf_counter()
         max_tiles = request.get("max_tiles") if isinstance(request, Mapping) else None
@@ -240,7 +307,8 @@ class LLM:
                                          "send fewer image tiles (max_dynamic_patch) or a smaller max_tokens")
 
         processed = process_request(request, self.tokenizer, self.model.config, self.template.name,
-                                    self.system_message, self.input_limits, check_length, deadline)
+                                    self.system_message, self.input_limits, check_length, deadline,
+                                    self.vision.preprocesses_on_device(self.config.device_preprocessing))
         num_prompt = len(processed.prompt_token_ids)
         check_length(num_prompt)
         if params.max_tokens is not None:
@@ -258,6 +326,10 @@ class LLM:
                              IncrementalDetokenizer(self.tokenizer), features=dict(processed.features),
                              metrics=RequestMetrics(arrival))
         self.stats["preprocess_s"] += time.perf_counter() - arrival
+        if self.tracer.enabled:
+            self.tracer.span(request_id, "preprocess", arrival, time.perf_counter(),
+                             {"prompt_tokens": num_prompt, "images": len(scheduled.images),
+                              "tiles": scheduled.num_image_tiles, "max_tokens": max_tokens})
         return PreparedRequest(scheduled, state)
 
     def _cache_salt(self, request: Request) -> str | None:
@@ -276,6 +348,8 @@ class LLM:
         self.scheduler.add_request(prepared.request)
         self._requests[request_id] = prepared.request
         self._states[request_id] = prepared.state
+        if self.tracer.enabled:
+            self.tracer.waiting(request_id, time.perf_counter())
         return request_id
 
     def _stops(self, params: SamplingParams) -> frozenset[int]:
@@ -287,6 +361,9 @@ class LLM:
         if request is not None:
             self.vision.release(self._states.pop(request_id), self._states)
             self._requests.pop(request_id, None)
+            if self.tracer.enabled:
+                self.tracer.finished(request_id, time.perf_counter(),
+                                     {"reason": "abort", "output_tokens": len(request.output_token_ids)})
 
     def _tiles_ready(self, request: Request, image: ImageSpan, first: int) -> int:
         return self.vision.tiles_ready(self._states[request.request_id], image, first)
@@ -298,8 +375,9 @@ class LLM:
         A failure in the ViT pass, the forward or the sampler fails only the requests that cause it (see
         `isolation.run_isolating`); every other request of the step proceeds as if they had not been there.
         """
+        step_start = time.perf_counter()
         output = self.scheduler.schedule()
-        now = time.perf_counter()
+        now = schedule_end = time.perf_counter()
         for chunk in output.chunks:
             metrics = self._states[chunk.request.request_id].metrics
             if metrics.first_scheduled_time is None:
@@ -314,6 +392,8 @@ class LLM:
         chunks = [chunk for chunk in output.chunks if chunk.request.request_id not in failed]
         features = {c.request.request_id: self.vision.features(self._states[c.request.request_id]) for c in chunks}
         sampled, errors = run_isolating(chunks, lambda part: self._forward(part, features))
+        sample_end = time.perf_counter()
+        starts = [chunk.request.num_computed_tokens for chunk in chunks] if self.tracer.enabled else []
         decode_only = all(c.num_new_tokens == 1 and c.request.num_computed_tokens >= c.request.num_prompt_tokens
                           for c in chunks)
         for chunk, err in errors:
@@ -347,12 +427,20 @@ class LLM:
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
                 metrics.time_to_first_token = now - metrics.arrival_time
+        if self.tracer.enabled:
+            trace_step(self.tracer, output, chunks, starts, sampled, failed,
+                       (step_start, schedule_end, forward_start, self._forward_end, sample_end, now),
+                       self.scheduler.num_running, self.scheduler.num_waiting, self.block_manager.num_free_blocks)
         return [self._finish(request) for request in finished]
 
     def _forward(self, chunks: Sequence[ScheduledChunk], features: Mapping[str, Any]) -> dict[str, int | None]:
         """One forward over `chunks` and the sampling of those that complete their sequence."""
         meta = build_batch(chunks, self.config.block_size, features)
         logits = self.runner.execute(meta)
+        if self.tracer.enabled:  # the forward's own time in the trace: wait for the device before sampling
+            if logits.is_cuda:
+                torch.cuda.synchronize(logits.device)
+            self._forward_end = time.perf_counter()
         return self._sample([self._requests[rid] for rid in meta.logit_request_ids], logits)
 
     def fail_all(self, error: str) -> list[RequestOutput]:
@@ -393,8 +481,11 @@ class LLM:
             if params.repetition_penalty != 1.0:
                 context = request.prompt_token_ids if params.penalty_context_ids is None else params.penalty_context_ids
                 penalized = list(context) + request.output_token_ids
+            # A given generator is the model card's stream (batch_chat's rows share it): drawn by torch.multinomial
+            # itself, as transformers draws; the other rows take the sync-free batched draw.
             rows.append(RowSampling(params.temperature, params.top_k, params.top_p, params.repetition_penalty,
-                                    penalized, state.generator, params.logit_bias or ()))
+                                    penalized, state.generator, params.logit_bias or (),
+                                    official_draw=params.generator is not None))
         tokens = sample_batch(logits, rows)
         for index, request in enumerate(requests):  # after the draw: a retried batch must not record them twice
             state = self._states[request.request_id]
@@ -410,7 +501,19 @@ class LLM:
         self._requests.pop(request.request_id, None)
         state = self._states.pop(request.request_id)
         self.vision.release(state, self._states)
-        return final_output(request, state, self.tokenizer, self.template.stop_token)
+        output = final_output(request, state, self.tokenizer, self.template.stop_token)
+        if self.tracer.enabled:
+            self.tracer.finished(request.request_id, time.perf_counter(),
+                                 {"reason": output.finish_reason, "output_tokens": len(output.token_ids),
+                                  "error": output.error})
+        return output
+
+    def close(self) -> None:
+        """Write what the trace holds (if tracing) and stop its writer; stop tensor-parallel workers, if any."""
+        self.tracer.close()
+        close_runner = getattr(self.runner, "close", None)
+        if close_runner is not None:
+            close_runner()
 
     # ---- offline API ----
     def generate(self, requests: Iterable[Mapping[str, Any] | str],

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..preprocessing.device import HostImage
 from .detokenizer import IncrementalDetokenizer
 from .outputs import RequestMetrics
 from .request import Request
@@ -19,7 +20,9 @@ class RequestState:
 
     params: SamplingParams
     generator: torch.Generator | None
-    pixel_values: dict[str, torch.Tensor]
+    # content hash -> tiles [tiles, 3, S, S] (on the host, or on the device once device preprocessing made them),
+    # or the decoded image they are yet to be made from (device preprocessing); dropped once the image is encoded
+    pixel_values: dict[str, torch.Tensor | HostImage]
     detokenizer: IncrementalDetokenizer
     features: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))

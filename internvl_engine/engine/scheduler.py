@@ -47,6 +47,11 @@ class SchedulerConfig:
             # Without chunking a prompt is computed in one step: a longer one could never be scheduled.
             raise ValueError(f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) must"
                              f" be at least max_model_len ({self.max_model_len})")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # Every running request takes >= 1 token of a step: past the budget, running requests would hold their KV
+            # blocks and get no token (decode batches never reach max_num_seqs).
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
+                             f"({self.max_num_seqs}): each running request decodes one token per step")
 
 
 class TileSlice(NamedTuple):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
-from .layers import RMSNorm, activation, make_norm
+from .layers import RMSNorm, activation, make_norm, norm_triton
 
 
 class VisionEmbeddings(nn.Module):
@@ -62,8 +62,9 @@ class VisionAttention(nn.Module):
         qkv = self.qkv(x).reshape(tiles, tokens, 3, width)  # split as (3, heads, head_dim)
         q, k, v = qkv.unbind(2)  # each [tiles, tokens, C]
         if self.qk_normalization:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
+            # On the triton path one kernel each, reading the strided q / k views of qkv in place.
+            q = norm_triton(self.q_norm, q) if use_triton else self.q_norm(q)
+            k = norm_triton(self.k_norm, k) if use_triton else self.k_norm(k)
         # [tiles, heads, tokens, head_dim]
         q, k, v = (t.reshape(tiles, tokens, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if use_triton:
@@ -97,8 +98,20 @@ class VisionEncoderLayer(nn.Module):
         self.ls2 = nn.Parameter(torch.ones(cfg.hidden_size))
 
     def forward(self, x: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
+        if use_triton:
+            hidden, mlp_out = self.forward_fused(x, norm_triton(self.norm1, x).to(x.dtype))
+            return hidden + mlp_out * self.ls2
         x = x + self.attn(self.norm1(x).to(x.dtype), use_triton) * self.ls1
         return x + self.mlp(self.norm2(x).to(x.dtype)) * self.ls2
+
+    def forward_fused(self, x: torch.Tensor, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The triton path, given x [tiles, tokens, C] and normed = norm1(x) -> (x + ls1 * attn, mlp_out).
+
+        The ls1 residual add is fused into norm2's kernel; the caller adds ls2 * mlp_out, fused into the next
+        layer's norm1 (`InternVisionModel`), so the residual stream is read and written once per norm."""
+        attn = self.attn(normed, use_triton=True)
+        normed, x = norm_triton(self.norm2, attn, residual=x, layer_scale=self.ls1)
+        return x, self.mlp(normed.to(x.dtype))
 
 
 class VisionEncoder(nn.Module):
@@ -127,7 +140,30 @@ class InternVisionModel(nn.Module):
         hidden = self.embeddings(pixel_values)
         states = [hidden]
         last = num_layers if return_all_hidden_states else index
-        for layer in self.encoder.layers[:last]:
-            hidden = layer(hidden, use_triton)
-            states.append(hidden)
+        layers = self.encoder.layers[:last]
+        if use_triton:
+            states += self._fused_layer_outputs(hidden, layers)
+        else:
+            for layer in layers:
+                hidden = layer(hidden)
+                states.append(hidden)
         return states if return_all_hidden_states else states[index]
+
+    @staticmethod
+    def _fused_layer_outputs(hidden: torch.Tensor, layers: nn.ModuleList) -> list[torch.Tensor]:
+        """The layers on the triton path -> each one's output. Layer i's `x + ls2 * mlp_out` is fused into layer
+        i + 1's norm1 (the kernel writes the sum, which is layer i's output, and its norm); the last layer's
+        add runs in torch."""
+        outputs: list[torch.Tensor] = []
+        if not layers:
+            return outputs
+        normed = norm_triton(layers[0].norm1, hidden).to(hidden.dtype)
+        for i, layer in enumerate(layers):
+            mid, mlp_out = layer.forward_fused(hidden, normed)
+            if i + 1 < len(layers):
+                normed, hidden = norm_triton(layers[i + 1].norm1, mlp_out, residual=mid, layer_scale=layer.ls2)
+                normed = normed.to(hidden.dtype)
+            else:
+                hidden = mid + mlp_out * layer.ls2
+            outputs.append(hidden)
+        return outputs

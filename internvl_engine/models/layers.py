@@ -34,6 +34,31 @@ def make_norm(norm_type: str, hidden_size: int, eps: float) -> nn.Module:
     return nn.LayerNorm(hidden_size, eps=eps)
 
 
+def uses_triton(cache: object) -> bool:
+    """Whether an LLM forward runs on the "triton" backend. The model runner's attention objects carry the
+    model's backend switch (`PagedAttention` in its `AttentionBatch`, the static decode's attention directly);
+    any other `cache` (`MaskedAttention`: the official full-sequence forward) runs the torch reference."""
+    flag = getattr(cache, "use_triton", None)
+    if flag is None:
+        flag = getattr(getattr(cache, "batch", None), "use_triton", False)
+    return bool(flag)
+
+
+def norm_triton(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
+                layer_scale: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`norm` (an RMSNorm or nn.LayerNorm over the last dim) of x -> out, or of h = residual + x * layer_scale ->
+    (out, h), in one Triton kernel with the torch modules' numerics (kernels/rms_norm.py, kernels/layer_norm.py)."""
+    if isinstance(norm, RMSNorm):
+        from ..kernels.rms_norm import rms_norm
+
+        return rms_norm(x, norm.weight, norm.eps, residual, layer_scale)
+    if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and norm.weight is not None:
+        from ..kernels.layer_norm import layer_norm
+
+        return layer_norm(x, norm.weight, norm.bias, norm.eps, residual, layer_scale)
+    raise TypeError(f"no Triton kernel for {norm!r}")
+
+
 def activation(name: str):
     """The activations the checkpoints name: 'gelu' is the exact (erf) GELU, as in transformers' ACT2FN."""
     table = {
@@ -85,20 +110,28 @@ class RotaryEmbedding(nn.Module):
         ratio = factor * seq_len / self.max_position_embeddings - (factor - 1)
         return self.theta * ratio ** (self.head_dim / (self.head_dim - 2))
 
-    def cos_sin(self, positions: torch.Tensor, rope_lengths: list[int] | torch.Tensor, dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor, rope_lengths: list[int] | torch.Tensor | tuple[torch.Tensor, int],
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [batch, seq] int64 -> cos, sin [batch, 1, seq, head_dim] in `dtype`.
 
         rope_lengths: one KV length per row (list), or per token ([batch, seq] tensor, for a flattened batch
-        of several requests); it only matters past max_position_embeddings (dynamic NTK)."""
+        of several requests), or per token with its maximum as the host knows it ((tensor, max) pair: the engine
+        step's form, which never reads the device); it only matters past max_position_embeddings (dynamic NTK)."""
         device = positions.device
+        if isinstance(rope_lengths, tuple):
+            rope_lengths, longest = rope_lengths
+        elif isinstance(rope_lengths, torch.Tensor):
+            longest = int(rope_lengths.max()) if rope_lengths.numel() else 0  # a host sync: pass the pair instead
         if isinstance(rope_lengths, torch.Tensor):
-            longest = int(rope_lengths.max()) if rope_lengths.numel() else 0
             if self.base_for_length(longest) == self.theta:
                 inv = self.inv_freq(self.theta, device)[None, None]  # [1, 1, d/2]: no token is scaled
             else:
-                bases = torch.tensor([self.base_for_length(n) for n in range(longest + 1)], dtype=torch.float32,
-                                     device=device)[rope_lengths.long()]  # [batch, seq]
+                # Lengths up to max_position_embeddings keep theta (entry 0); entry i is the base of length first + i.
+                first = self.max_position_embeddings
+                table = torch.tensor([self.theta] + [self.base_for_length(n) for n in range(first + 1, longest + 1)],
+                                     dtype=torch.float32)
+                table = (table.pin_memory() if device.type == "cuda" else table).to(device, non_blocking=True)
+                bases = table[(rope_lengths.long() - first).clamp(min=0)]  # [batch, seq]
                 exponent = torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim
                 inv = 1.0 / (bases[..., None] ** exponent)  # [batch, seq, d/2]
         else:

@@ -47,7 +47,7 @@ def find_token_id(folder: Path, token: str) -> int | None:
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
                progress: bool | None = None, model_class: type[InternVLChatModel] = InternVLChatModel,
-               load_in_8bit: bool = False) -> InternVLChatModel:
+               load_in_8bit: bool = False, shard: object = None) -> InternVLChatModel:
     """Read config.json, build the model on the meta device, stream the weights onto `device` in `dtype`.
 
     An int8 checkpoint (bitsandbytes format) loads its int8 Linears as such; `load_in_8bit` quantizes a float
@@ -64,7 +64,12 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     quantization = config.extra.get("quantization_config")
     skip = quantization.get("llm_int8_skip_modules") if isinstance(quantization, dict) else None
     quantize = default_int8_targets(model, skip) if load_in_8bit else ()
-    model.int8_linears = load_checkpoint(model, folder, target, device, progress=progress, quantize=quantize)
+    model.int8_linears = load_checkpoint(model, folder, target, device, progress=progress, quantize=quantize,
+                                         shard=shard)  # shard: this tensor-parallel rank's slices only
+    for module in model.modules():  # InternLM2's w1 / w3 into one storage: one gate_up GEMM on the triton path
+        fuse = getattr(module, "fuse_gate_up", None)
+        if fuse is not None:
+            fuse()
     model.quantization_config = quantization if isinstance(quantization, dict) else None
     model.img_context_token_id = find_token_id(folder, "<IMG_CONTEXT>")
     if model.img_context_token_id is None:

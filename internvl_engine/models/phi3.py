@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import LLMConfig
 from .causal_lm import CausalLM, KVCacheLike
-from .layers import RMSNorm, activation, apply_rotary
+from .layers import RMSNorm, activation, apply_rotary, norm_triton, uses_triton
 
 
 class SuRotaryEmbedding(nn.Module):
@@ -54,20 +54,29 @@ class SuRotaryEmbedding(nn.Module):
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
         return 1.0 / (torch.tensor(factors, dtype=torch.float32, device=device) * self.theta ** exponent)
 
-    def cos_sin(self, positions: torch.Tensor, rope_lengths: list[int] | torch.Tensor, dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor, rope_lengths: list[int] | torch.Tensor | tuple[torch.Tensor, int],
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [batch, seq] -> cos, sin [batch, 1, seq, head_dim] in `dtype` (scaled).
 
-        rope_lengths: per row (list) or per token ([batch, seq] tensor)."""
+        rope_lengths: per row (list), per token ([batch, seq] tensor), or per token with its maximum as the host
+        knows it ((tensor, max) pair): then a batch whose tokens are all short takes the short factors directly."""
         device = positions.device
         if device not in self._inv_freqs:  # outside any graph capture: the first (eager) step builds them
             self._inv_freqs[device] = (self._inv_freq(self.short_factor, device),
                                        self._inv_freq(self.long_factor, device))
         short, long = self._inv_freqs[device]
+        if isinstance(rope_lengths, tuple):
+            rope_lengths, longest = rope_lengths
+            if longest <= self.original:
+                rope_lengths = [longest]  # every token short: one row of short factors
         if isinstance(rope_lengths, torch.Tensor):
             use_long = (rope_lengths.to(device) > self.original)[..., None]  # [batch, seq, 1]
         else:
-            use_long = torch.tensor([n > self.original for n in rope_lengths], device=device)[:, None, None]
+            regimes = {n > self.original for n in rope_lengths}  # decided on the host: no tensor from a list
+            if len(regimes) == 1:
+                use_long = torch.full((1, 1, 1), regimes.pop(), device=device)
+            else:
+                use_long = torch.tensor([n > self.original for n in rope_lengths], device=device)[:, None, None]
         inv = torch.where(use_long, long, short)  # [batch, seq or 1, d/2]
         freqs = positions.to(torch.float32).unsqueeze(-1) * inv
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -105,8 +114,13 @@ class Phi3MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.act = activation(cfg.hidden_act)
+        self.fusable_activation = cfg.hidden_act in ("silu", "swish")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
+        if use_triton and self.fusable_activation:
+            from ..kernels.silu_mul import silu_mul
+
+            return self.down_proj(silu_mul(self.gate_up_proj(x)))  # [..., 2I] -> [..., I] in one kernel
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(up * self.act(gate))
 
@@ -120,6 +134,11 @@ class Phi3DecoderLayer(nn.Module):
         self.mlp = Phi3MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCacheLike) -> torch.Tensor:
+        if uses_triton(cache):
+            # One kernel per norm; the attention residual add is fused into post_attention_layernorm.
+            attn = self.self_attn(norm_triton(self.input_layernorm, x), cos, sin, cache)
+            normed, x = norm_triton(self.post_attention_layernorm, attn, residual=x)
+            return x + self.mlp(normed, use_triton=True)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from safetensors import safe_open
@@ -68,13 +68,16 @@ def _index_shards(shards: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]
 
 
 def load_checkpoint(model: nn.Module, folder: str | Path, dtype: torch.dtype, device: torch.device | str,
-                    progress: bool | None = None, quantize: Iterable[str] = ()) -> list[str]:
+                    progress: bool | None = None, quantize: Iterable[str] = (), shard: Any = None) -> list[str]:
     """Fill every parameter of `model` (built on the meta device) from the checkpoint's shards; returns the names
     of the Linears that hold int8 weights.
 
     A Linear is int8 iff the checkpoint has `<name>.SCB` (bitsandbytes format, see `models/int8.py`); it becomes
     an `Int8Linear` before loading. `quantize`: float Linears to quantize while streaming (`load_in_8bit`), each
     weight as it is read, so host memory stays near one tensor. progress: None shows the bar only above 1 GiB.
+    shard: a tensor-parallel slicing hook (`models/tensor_parallel.TensorParallelShard`): `apply(model)` shards the
+    meta model, then each split tensor is read as this rank's slice only (a weight to quantize is read whole, so
+    its row scales are the unsplit model's, and then sliced).
     """
     folder = Path(folder)
     shards = list_shards(folder)
@@ -84,6 +87,8 @@ def load_checkpoint(model: nn.Module, folder: str | Path, dtype: torch.dtype, de
     convert_linears(model, stored_int8)
     to_quantize = sorted(set(quantize) - set(stored_int8))
     convert_linears(model, to_quantize)
+    if shard is not None:
+        shard.apply(model)
     synthesized = {f"{name}.{leaf}" for name in to_quantize for leaf in ("SCB", "weight_format")}
     expected = {name: tuple(p.shape) for name, p in model.named_parameters() if name not in synthesized}
     unexpected = sorted(set(located) - set(expected))
@@ -94,6 +99,8 @@ def load_checkpoint(model: nn.Module, folder: str | Path, dtype: torch.dtype, de
     if missing:
         raise WeightLoadError(f"checkpoint is missing {len(missing)} tensor(s): {missing[:10]}")
     for name, (path, shape) in located.items():
+        if shard is not None:
+            shape = shard.shape(name, shape)
         if shape != expected[name]:
             raise WeightLoadError(f"tensor '{name}' in {path.name} has shape {list(shape)}, "
                                   f"the config implies {list(expected[name])}")
@@ -104,14 +111,19 @@ def load_checkpoint(model: nn.Module, folder: str | Path, dtype: torch.dtype, de
         for path in shards:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 for name in handle.keys():
-                    raw = handle.get_tensor(name)
                     module, leaf = _split_name(model, name)
                     module_name = name[: -len(leaf) - 1]
+                    quantized_weight = module_name in quantizing and leaf == "weight"
+                    sliced = shard is not None and shard.splits_tensor(name) and not quantized_weight
+                    raw = shard.take(name, handle.get_slice(name)) if sliced else handle.get_tensor(name)
                     if leaf == "weight_format" and int(raw) != 0:
                         raise Int8FormatError(f"'{name}' is {int(raw)}: only row-major int8 weights (weight_format 0) "
                                               "are supported; tile layouts 1-3 come from old bitsandbytes releases")
                     if module_name in quantizing and leaf == "weight":
                         weight, scb = quantize_rows(raw.to(device))
+                        if shard is not None and shard.splits_tensor(name):
+                            weight = shard.take(name, weight)
+                            scb = shard.take(f"{module_name}.SCB", scb) if shard.splits_tensor(f"{module_name}.SCB") else scb
                         _set(module, "weight", weight)
                         _set(module, "SCB", scb)
                         _set(module, "weight_format", torch.zeros((), dtype=torch.uint8, device=device))

@@ -261,13 +261,15 @@ def protocol_class(limits: ConnectionLimits) -> type[GuardedH11Protocol]:
 def uvicorn_settings(limits: ConnectionLimits) -> dict[str, Any]:
     """Keyword arguments for `uvicorn.run` / `uvicorn.Config` that enforce `limits`.
 
-    `http` forces the h11 implementation (the guard is built on it, even where httptools is installed);
+    `http` forces the h11 implementation (the guard is built on it, even where httptools is installed), and
+    `loop` the asyncio event loop (the guard's eviction closes transports the way asyncio's do; uvloop, which
+    ray[serve] installs, closes them differently and idle connections linger);
     `timeout_keep_alive` bounds idling between requests. uvicorn's `limit_concurrency` is deliberately not
     set: it counts connections and tasks together and answers 503 through the app only once a request head
     has arrived, so it does not protect against idle connections, and at the cap it would refuse requests
     on connections this protocol already admitted.
     """
-    return {"http": protocol_class(limits), "timeout_keep_alive": limits.keep_alive_timeout_s}
+    return {"http": protocol_class(limits), "loop": "asyncio", "timeout_keep_alive": limits.keep_alive_timeout_s}
 
 
 def raise_open_file_limit(wanted: int) -> int:

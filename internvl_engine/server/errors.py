@@ -43,6 +43,7 @@ def engine_error(err: BaseException, param: str = "messages") -> APIError:
     """An exception from preparing or queueing a request -> its HTTP error; `param`: the field holding the input."""
     from ..engine.errors import InputLimitError, PromptTooLongError, QueueFullError
     from ..preprocessing.image_io import ImageLoadError, ImageTooLargeError
+    from ..preprocessing.video import VideoLoadError, VideoTooLargeError
 
     if isinstance(err, QueueFullError):
         return APIError(503, f"the server is overloaded, retry later: {err}", code="queue_full")
@@ -53,6 +54,11 @@ def engine_error(err: BaseException, param: str = "messages") -> APIError:
                         limit=err.limit)
     if isinstance(err, ImageLoadError):
         return APIError(400, str(err), param=param, code="invalid_image")
+    if isinstance(err, VideoTooLargeError):
+        message = str(err).replace(f" ({err.limit})", "")  # the flag instead of the engine option
+        return APIError(413, f"{message} ({flag(err.limit)})", param=param, code="video_too_large", limit=err.limit)
+    if isinstance(err, VideoLoadError):
+        return APIError(400, str(err), param=param, code="invalid_video")
     if isinstance(err, PromptTooLongError):
         return APIError(400, str(err), param=param, code="context_length_exceeded", limit="max_model_len")
     if isinstance(err, (ValueError, TypeError)):

@@ -13,6 +13,7 @@ from typing import Callable
 
 from ..config import MODEL_PRESETS
 from ..preprocessing.image_io import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+from ..preprocessing.video import VideoLimits
 
 
 # uvicorn's log levels (uvicorn.config.LOG_LEVELS; not imported here: uvicorn is an optional dependency)
@@ -143,6 +144,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="characters of one stop string (default %(default)s)")
     limits.add_argument("--max-prompts-per-request", metavar="N", type=positive, default=64,
                         help="/v1/completions: prompts (choices) in one request (default %(default)s)")
+    limits.add_argument("--max-videos-per-request", metavar="N", type=positive, default=VideoLimits.max_videos,
+                        help="videos (video_url parts) in one request (default %(default)s)")
+    limits.add_argument("--max-video-bytes", metavar="BYTES", type=positive, default=VideoLimits.max_bytes,
+                        help="largest encoded video (default 128 MiB; a data URL is also held to --max-request-bytes)")
+    limits.add_argument("--max-video-frames", metavar="N", type=positive, default=VideoLimits.max_frames,
+                        help="frames sampled from one video: the most a request's num_frames may ask for, each at "
+                        "least 256 visual tokens (default %(default)s)")
+    limits.add_argument("--max-video-duration-s", metavar="SECONDS", type=positive_number(),
+                        default=VideoLimits.max_duration_s,
+                        help="longest video, from its header before decoding (default %(default)s)")
+    limits.add_argument("--max-video-total-frames", metavar="N", type=positive, default=VideoLimits.max_total_frames,
+                        help="frames in one video, all of which are read and decoded up to the last one sampled; "
+                        "checked from the header and while counting, before decoding (default %(default)s)")
+    limits.add_argument("--max-video-side", metavar="N", type=positive, default=VideoLimits.max_side,
+                        help="longest side of a video's frames in pixels, checked before decoding "
+                        "(default %(default)s)")
+    limits.add_argument("--max-video-pixels", metavar="N", type=positive, default=VideoLimits.max_pixels,
+                        help="pixels of one video frame, checked before decoding (default %(default)s)")
     limits.add_argument("--default-max-tokens", metavar="N", type=positive, default=4096,
                         help="max_tokens of a request that sets neither max_tokens nor max_completion_tokens; the "
                         "context left after the prompt caps it too (default %(default)s)")
@@ -202,8 +221,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--no-prefix-caching", action="store_true",
                         help="do not reuse the KV blocks of a shared prompt prefix (default: off, prefixes are "
                         "reused)")
+    engine.add_argument("--tensor-parallel-size", metavar="N", type=positive, default=1,
+                        help="shard the LLM over N GPUs (cuda:i .. cuda:i+N-1 from --device; N CPU processes on the "
+                        "CPU) and split each step's ViT tiles over them; N must divide the LLM's KV heads "
+                        "(default %(default)s)")
     engine.add_argument("--seed", metavar="N", type=int, default=0,
                         help="seed of the random weights of --tiny and --preset (default %(default)s)")
+    engine.add_argument("--no-graph-capture-at-startup", action="store_true",
+                        help="capture each decode batch size's CUDA graph when a step first needs it: a faster start, "
+                        "a slower first step at each batch size (default: off, every batch size is captured while "
+                        "the server starts)")
+    engine.add_argument("--trace-dir", metavar="DIR", type=Path, default=None,
+                        help="write Chrome trace events of requests and engine steps (open in ui.perfetto.dev) to "
+                        "DIR/engine-trace-<pid>.json, flushed every 5 s and at exit, rotated at 16 MiB into at most "
+                        "4 files (default: off)")
 
 
 def build_engine(args: argparse.Namespace):
@@ -228,7 +259,15 @@ def build_engine(args: argparse.Namespace):
                    max_image_side=args.max_image_side, max_image_aspect_ratio=args.max_image_aspect_ratio,
                    max_images_per_request=args.max_images_per_request, max_prompt_chars=args.max_prompt_chars,
                    enable_prefix_caching=not args.no_prefix_caching, backend=args.backend,
-                   load_in_8bit=args.quantization == "int8", default_max_tokens=args.default_max_tokens)
+                   load_in_8bit=args.quantization == "int8", default_max_tokens=args.default_max_tokens,
+                   capture_graphs_at_startup=not args.no_graph_capture_at_startup,
+                   tensor_parallel_size=args.tensor_parallel_size)
+    options.update(max_videos_per_request=args.max_videos_per_request, max_video_bytes=args.max_video_bytes,
+                   max_video_frames=args.max_video_frames, max_video_duration_s=args.max_video_duration_s,
+                   max_video_total_frames=args.max_video_total_frames, max_video_side=args.max_video_side,
+                   max_video_pixels=args.max_video_pixels)
+    if getattr(args, "trace_dir", None) is not None:
+        options["trace_path"] = str(Path(args.trace_dir) / f"engine-trace-{os.getpid()}.json")
     if args.model:
         path = Path(args.model)
         llm, name = LLM(path, dtype=args.dtype, device=device, **options), path.resolve().name
@@ -312,18 +351,35 @@ def listen_on(sock: socket.socket, host: str, backlog: int = 2048) -> int:
     return port
 
 
+def server_config(args: argparse.Namespace, engine, name: str):
+    """The ServerConfig of the parsed flags (`serve` and each `serve-ray` replica)."""
+    from .app import ServerConfig
+    from .media import MediaPolicy
+    from .protocol import RequestLimits
+
+    limits = RequestLimits(engine.llm.model.config.llm.vocab_size, max_tiles=args.max_tiles_per_image,
+                           max_images_per_request=args.max_images_per_request, max_prompt_chars=args.max_prompt_chars,
+                           max_stop_strings=args.max_stop_strings, max_stop_string_chars=args.max_stop_string_chars,
+                           max_prompts_per_request=args.max_prompts_per_request,
+                           max_videos_per_request=args.max_videos_per_request, max_video_frames=args.max_video_frames)
+    media = MediaPolicy(args.max_image_bytes, args.allowed_local_media_path, args.allow_remote_images,
+                        allow_private_addresses=args.allow_remote_private_addresses,
+                        max_video_bytes=args.max_video_bytes)
+    return ServerConfig((name,), api_key=args.api_key or None, max_request_bytes=args.max_request_bytes,
+                        body_timeout_s=args.body_timeout_s, max_json_depth=args.max_json_depth, media=media,
+                        limits=limits)
+
+
 def serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .app import ServerConfig, build_app
+        from .app import build_app
     except ImportError as err:
         raise ValueError(f"the server needs its extra dependencies: pip install 'internvl-engine[server]' ({err})") \
             from None
     from .connections import (ConnectionLimits, check_connection_cap, install_log_filters, raise_open_file_limit,
                               uvicorn_settings)
-    from .media import MediaPolicy
-    from .protocol import RequestLimits
 
     for flag in ("max_request_bytes", "max_image_bytes", "max_image_pixels", "max_image_side",
                  "max_image_aspect_ratio", "max_images_per_request", "max_prompt_chars", "max_stop_strings",
@@ -339,17 +395,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         return_freed_buffers_to_the_os()
         engine, name = build_engine(args)
-        limits = RequestLimits(engine.llm.model.config.llm.vocab_size, max_tiles=args.max_tiles_per_image,
-                               max_images_per_request=args.max_images_per_request,
-                               max_prompt_chars=args.max_prompt_chars, max_stop_strings=args.max_stop_strings,
-                               max_stop_string_chars=args.max_stop_string_chars,
-                               max_prompts_per_request=args.max_prompts_per_request)
-        config = ServerConfig((name,), api_key=args.api_key or None, max_request_bytes=args.max_request_bytes,
-                              body_timeout_s=args.body_timeout_s, max_json_depth=args.max_json_depth,
-                              media=MediaPolicy(args.max_image_bytes, args.allowed_local_media_path,
-                                                args.allow_remote_images,
-                                                allow_private_addresses=args.allow_remote_private_addresses),
-                              limits=limits)
+        config = server_config(args, engine, name)
         app = build_app(engine, config)
         open_files = raise_open_file_limit(args.max_connections + 256)
         connections = check_connection_cap(

@@ -83,6 +83,9 @@ class _EngineCollector:
             "kv_cache_blocks_total": ("KV blocks in the cache", blocks.num_blocks),
             "num_requests_preprocessing": ("Requests queued for or in the preprocessing pool (image decoding, tiling)",
                                            engine.num_preprocessing),
+            "decode_graph_buckets_disabled": ("Decode batch-size buckets whose CUDA graph failed to capture or "
+                                              "disagreed with the eager step, so they run eagerly (the log says why)",
+                                              len(_disabled_buckets(llm))),
         }
         for name, (documentation, value) in gauges.items():
             family = GaugeMetricFamily(f"{PREFIX}_{name}", documentation, labels=["model_name"])
@@ -106,3 +109,9 @@ class _EngineCollector:
         for cause in ("vit", "forward", "sampling", "engine"):
             family.add_metric([self.model_name, cause], llm.stats["request_errors"].get(cause, 0))
         yield family
+
+
+def _disabled_buckets(llm: Any) -> dict[int, str]:
+    """The engine's decode buckets left eager (none without static decode, or a runner without graphs)."""
+    graphs = getattr(llm.runner, "decode_graphs", None)
+    return {} if graphs is None else graphs.disabled_buckets

@@ -4,7 +4,9 @@ Validation is explicit so each problem gets a 400 naming the field, and every va
 engine's arithmetic takes (so no request can fail a batched step). Work limits (`RequestLimits`: images per
 request, prompt characters, stop strings) are checked here, before any image is fetched or decoded; a
 refusal is a 413 naming the server flag. Extensions beyond the OpenAI API (as in vLLM): `top_k`,
-`repetition_penalty`, `ignore_eos`, and `max_dynamic_patch` (max tiles per image).
+`repetition_penalty`, `ignore_eos`, `max_dynamic_patch` (max tiles per image), `video_url` content parts (vLLM's
+form: {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,..."}}) with `num_frames` (frames sampled
+per video, default 8) and `max_tiles_per_frame` (default 1).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 
 from ..engine.sampling_params import (MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY,
                                       MIN_TEMPERATURE, SEED_RANGE, SamplingParams)
+from ..preprocessing.video import DEFAULT_MAX_VIDEO_FRAMES, DEFAULT_MAX_VIDEOS_PER_REQUEST
 from .errors import APIError, limit_error
 
 _ROLES = ("system", "developer", "user", "assistant")
@@ -32,6 +35,8 @@ class RequestLimits:
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256  # each stop string (the search per step grows with the longest)
     max_prompts_per_request: int = 64  # /v1/completions: prompts (choices) in one request
+    max_videos_per_request: int = DEFAULT_MAX_VIDEOS_PER_REQUEST
+    max_video_frames: int = DEFAULT_MAX_VIDEO_FRAMES  # num_frames: frames sampled from each video
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -83,7 +88,7 @@ def _integer(body: dict, name: str, low: int | None = None, high: int | None = N
 def _check_messages(messages: Any, limits: RequestLimits) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list", param="messages")
-    images = chars = 0
+    images = videos = chars = 0
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, dict):
@@ -113,15 +118,52 @@ def _check_messages(messages: Any, limits: RequestLimits) -> list[dict]:
                     raise APIError(400, f"{where}: images are only accepted in user messages", param=where)
                 images += 1
                 continue
-            raise APIError(400, f"{where}.content[{number}] must be a text part or an image_url part with a url",
-                           param=f"{where}.content[{number}]")
+            if kind == "video_url":
+                videos += _check_video_part(part, message["role"], f"{where}.content[{number}]")
+                continue
+            raise APIError(400, f"{where}.content[{number}] must be a text part, or an image_url or video_url part "
+                           "with a url", param=f"{where}.content[{number}]")
     if images > limits.max_images_per_request:
         raise limit_error(f"the request has {images} images, over the limit of {limits.max_images_per_request}",
                           "max_images_per_request", param="messages")
+    if videos > limits.max_videos_per_request:
+        raise limit_error(f"the request has {videos} videos, over the limit of {limits.max_videos_per_request}",
+                          "max_videos_per_request", param="messages")
     if chars > limits.max_prompt_chars:
         raise limit_error(f"the messages have {chars} characters of text, over the limit of "
                           f"{limits.max_prompt_chars}", "max_prompt_chars", param="messages")
     return [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
+
+
+def _check_video_part(part: dict, role: str, where: str) -> int:
+    """A `video_url` part as vLLM takes it, {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,..."}},
+    in a user message; returns 1 (one video)."""
+    url = part.get("video_url")
+    if not isinstance(url, dict) or not isinstance(url.get("url"), str):
+        raise APIError(400, f'{where}.video_url must be an object {{"url": "data:video/mp4;base64,..."}}, got '
+                       f"{type(url).__name__}", param=f"{where}.video_url")
+    if role != "user":
+        raise APIError(400, f"{where}: videos are accepted only in user messages", param=where)
+    return 1
+
+
+def _video_options(body: dict, messages: list[dict], limits: RequestLimits) -> list[dict]:
+    """The body's num_frames / max_tiles_per_frame, checked, carried on each video part for the engine."""
+    num_frames = body.get("num_frames")
+    if num_frames is not None and not (isinstance(num_frames, int) and not isinstance(num_frames, bool)
+                                       and num_frames >= 1):
+        raise APIError(400, f"num_frames must be a positive integer, got {num_frames!r:.50}", param="num_frames")
+    if num_frames is not None and num_frames > limits.max_video_frames:
+        raise limit_error(f"num_frames is {num_frames}, over the limit of {limits.max_video_frames} frames per video",
+                          "max_video_frames", param="num_frames")
+    options = {"num_frames": num_frames,
+               "max_tiles_per_frame": _integer(body, "max_tiles_per_frame", 1, limits.max_tiles)}
+    options = {name: value for name, value in options.items() if value is not None}
+    if not options:
+        return messages
+    return [{**message, "content": [{**part, **options} if part.get("type") == "video_url" else part
+                                    for part in message["content"]]}
+            if isinstance(message["content"], list) else message for message in messages]
 
 
 def _stop_strings(body: dict, limits: RequestLimits) -> tuple[str, ...]:
@@ -215,7 +257,7 @@ def _generation(body: dict, limits: RequestLimits, default_max_tokens: int | Non
 
 def parse_chat_request(body: Any, served_models: tuple[str, ...], limits: RequestLimits) -> ChatRequest:
     model = _model(body, served_models)
-    messages = _check_messages(body.get("messages"), limits)
+    messages = _video_options(body, _check_messages(body.get("messages"), limits), limits)
     if body.get("logprobs") or body.get("top_logprobs"):
         raise APIError(400, "logprobs are not supported", param="logprobs")
     if body.get("tools") or body.get("functions"):

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .staging import to_device
+
 
 class KVCache:
     """K/V for all layers: [num_blocks, block_size, num_kv_heads, head_dim] each (the kernel's layout).
@@ -38,15 +40,6 @@ class KVCache:
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
                         dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-
-
-def pad_block_tables(tables: list[list[int]], rows: int, width: int, fill: int = 0) -> torch.Tensor:
-    """Ragged per-request block lists -> int32 [rows, width] (host), padded with `fill` (never read past a
-    request's length, except the static decode's padding rows, which point at the scratch block)."""
-    table = torch.full((rows, width), fill, dtype=torch.int32)
-    for row, blocks in enumerate(tables):
-        table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-    return table
 
 
 @dataclass
@@ -70,19 +63,22 @@ class PagedAttention:
         device = batch.slot_mapping.device
         self.decode_rows = [r for r, n in enumerate(batch.query_lens) if n == 1]
         self.prefill_rows = [r for r, n in enumerate(batch.query_lens) if n > 1]
-        if self.decode_rows:
-            rows = torch.tensor(self.decode_rows, device=device)
-            self.decode_tokens = torch.tensor([batch.query_starts[r] for r in self.decode_rows], device=device)
-            self.decode_tables = batch.block_tables.index_select(0, rows)
-            self.decode_lens = torch.tensor([batch.context_lens[r] for r in self.decode_rows], dtype=torch.int32,
-                                            device=device)
-        if self.prefill_rows:
-            rows = torch.tensor(self.prefill_rows, device=device)
-            self.prefill_tables = batch.block_tables.index_select(0, rows)
+        decodes, prefills = self.decode_rows, self.prefill_rows
+        # One host->device copy for every per-request list (no host sync; see staging.to_device).
+        (decode_rows, self.decode_tokens, decode_lens, prefill_rows, prefill_starts, prefill_lens,
+         prefill_context) = to_device(device, [
+            decodes, [batch.query_starts[r] for r in decodes], [batch.context_lens[r] for r in decodes],
+            prefills, *([values[r] for r in prefills]
+                        for values in (batch.query_starts, batch.query_lens, batch.context_lens))])
+        if decodes:
+            every_row = len(decodes) == len(batch.query_lens)  # a decode-only step: the table as it is
+            self.decode_tables = batch.block_tables if every_row else batch.block_tables.index_select(0, decode_rows)
+            self.decode_lens = decode_lens.to(torch.int32)
+        if prefills:
+            self.prefill_tables = batch.block_tables.index_select(0, prefill_rows)
             self.prefill_starts, self.prefill_lens, self.prefill_context = (
-                torch.tensor([values[r] for r in self.prefill_rows], dtype=torch.int32, device=device)
-                for values in (batch.query_starts, batch.query_lens, batch.context_lens))
-            self.max_prefill_len = max(batch.query_lens[r] for r in self.prefill_rows)
+                values.to(torch.int32) for values in (prefill_starts, prefill_lens, prefill_context))
+            self.max_prefill_len = max(batch.query_lens[r] for r in prefills)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [1, heads, T, d]; k, v [1, kv_heads, T, d] -> [1, heads, T, d]."""

@@ -22,7 +22,9 @@ class BatchMetadata:
     query_lens: list[int]  # [num_chunks] tokens computed this step
     context_lens: list[int]  # [num_chunks] tokens with K/V after this step: cached + new, what attention reads
     # [num_chunks][ceil(context_len / block_size)]: the requests' own block_ids lists, not copies (copying 256 tables
-    # of 1K-4K tokens would cost 160 µs a step). They stay valid until the next schedule() appends to them.
+    # of 1K-4K tokens would cost 160 µs a step). They stay valid until the next schedule() appends to them. A list
+    # only grows by appends while its request holds blocks (freeing replaces it): the static decode path relies on
+    # that to copy only a list's new blocks to the device.
     block_tables: list[list[int]]
     # Flat indices of the tokens whose logits are sampled: the last token of each chunk that completes its request
     # (the LM head runs on these rows only). logit_request_ids[j] is the request sampled at logit_indices[j].

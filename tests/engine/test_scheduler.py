@@ -64,6 +64,7 @@ def token_for(request_id: str, position: int) -> int:
 
 def make_engine(num_blocks: int = 256, **config) -> FakeEngine:
     config.setdefault("block_size", 4)
+    config.setdefault("max_num_seqs", min(256, config.get("max_num_batched_tokens", 8192)))  # the budget allows
     return FakeEngine(SchedulerConfig(**config), num_blocks)
 
 
@@ -119,7 +120,7 @@ def test_chunked_prefill_spreads_a_long_prompt_while_decodes_run_every_step():
 
 def test_without_chunked_prefill_a_prompt_waits_for_room_for_all_of_it():
     with pytest.raises(ValueError, match="max_model_len"):
-        SchedulerConfig(enable_chunked_prefill=False, max_num_batched_tokens=64, max_model_len=128)
+        SchedulerConfig(enable_chunked_prefill=False, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=128)
     engine = make_engine(enable_chunked_prefill=False, max_num_batched_tokens=64, max_model_len=64)
     for name in ("d1", "d2"):
         engine.scheduler.add_request(text(name, 2, max_tokens=3))
@@ -242,7 +243,7 @@ def test_a_request_waits_until_the_token_budget_has_room():
 
 
 def test_revoking_a_grant_returns_its_tokens_and_only_tiles_no_other_grant_needs():
-    plan = _StepPlan(SchedulerConfig(max_num_batched_tokens=100, max_vit_tiles_per_step=8))
+    plan = _StepPlan(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=100, max_vit_tiles_per_step=8))
     shared, own = ImageSpan(0, 12, 3, "shared"), ImageSpan(12, 8, 2, "own")
     first, second = Request("first", [1] * 20, 1, images=[shared]), Request("second", [1] * 20, 1, images=[shared, own])
     shared_slice = TileSlice(first, shared, 0, 3)
@@ -277,6 +278,9 @@ def test_admission_limits_and_validation():
         engine.scheduler.add_request(text("none", 3, max_tokens=0))
     with pytest.raises(ValueError, match="max_num_seqs must be positive"):
         SchedulerConfig(max_num_seqs=0)
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(63\) must be at least max_num_seqs \(64\)"):
+        SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=63)
+    SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=64)  # one decode each: fits
     with pytest.raises(ValueError, match="block_size"):
         Scheduler(SchedulerConfig(block_size=16), BlockManager(8, 4), lambda request, image: True)
 

@@ -21,6 +21,8 @@ def test_bench_kernels_smoke(capsys, monkeypatch):
     for section in ("ViT attention", "paged decode", "paged prefill", "pixel unshuffle", "tile normalisation",
                     "w8a16 weight-only int8 GEMM"):
         assert section in out
+    assert out.count("ViT attention:") == len(module.SMOKE.vit) == 2  # two head_dims, as InternViT-6B and 300M
+    assert "uint8 upload, pinned" in out and "uint8 upload, pageable" in out  # tile_norm timed with its upload too
 
 
 def test_bench_kernels_smoke_sets_the_interpreter_itself_without_a_gpu():

@@ -70,6 +70,11 @@ CONFIGS = [
     dict(id="paged_decode-mha-bf16-splits-window", build="paged_decode",
          params=dict(dtype="bf16", batch=8, q_heads=32, kv_heads=32, head_dim=96, block_size=16, context=4096,
                      window=2047), kernels=["_paged_decode_split_kernel", "_paged_decode_reduce_kernel"]),
+    # As the CUDA-graph decode step launches it: a 4-sequence bucket over a full-width table (32K-token
+    # max_model_len, Mini-2B's 16 / 8 heads), splits sized on the device from each context.
+    dict(id="paged_decode-gqa-bf16-graph-bucket", build="paged_decode",
+         params=dict(dtype="bf16", batch=4, q_heads=16, kv_heads=8, head_dim=128, block_size=16, context=32768),
+         kernels=["_paged_decode_split_kernel", "_paged_decode_reduce_kernel"]),
     # Paged prefill, as the engine calls it (q and out transposed views of [heads, T, head_dim], 16-token pages):
     # InternLM2-20B (48 q / 8 KV heads, head_dim 128: GQA 6 packed into 128-row tiles), a 2048-token chunk over an
     # 8192-token context, bf16 and fp16; four short chunks (BLOCK_M fitted down to 16 rows); Mini-2B (16 / 8 heads);
@@ -140,6 +145,43 @@ CONFIGS = [
          kernels=["_w8a16_gemm_kernel", "_w8a16_splitk_reduce_kernel"]),
     dict(id="w8a16-20B-prefill-wqkv-M128-fp32", build="w8a16_gemm",
          params=dict(dtype="fp32", M=128, K=6144, N=8192, bias=True), kernels=["_w8a16_gemm_kernel"]),
+    # Fused residual add + RMSNorm, rows register-resident up to 8192: InternLM2-20B (6144 -> 8192-wide rows at 16
+    # warps) as the attention norm of a 2048-token prefill and of one decode token, and as the ffn norm with the
+    # attention residual; InternLM2-1.8B (2048) and Phi-3-mini (3072) with the residual; InternViT-6B (3200, 13
+    # tiles) with the layer-scaled residual, and q_norm on the strided q view of qkv; fp32; a 12800-wide row (no
+    # model has one) for the looped two-pass path.
+    *[dict(id=f"rms_norm-{name}-{dtype}", build="rms_norm", params=dict(dtype=dtype, **params),
+           kernels=["_rms_norm_kernel"])
+      for name, dtype, params in (
+          ("20B-M2048", "bf16", dict(rows=2048, n=6144)),
+          ("20B-M1", "bf16", dict(rows=1, n=6144)),
+          ("20B-M2048-residual", "bf16", dict(rows=2048, n=6144, residual=True)),
+          ("20B-M2048-residual", "fp16", dict(rows=2048, n=6144, residual=True)),
+          ("2B-M2048-residual", "bf16", dict(rows=2048, n=2048, residual=True)),
+          ("phi3-M2048-residual", "bf16", dict(rows=2048, n=3072, residual=True)),
+          ("vit6B-13tiles-layer-scale", "bf16", dict(rows=13 * 1025, n=3200, residual=True, scale=True)),
+          ("vit6B-13tiles-qnorm-strided", "bf16", dict(rows=13 * 1025, n=3200, qkv_view=True)),
+          ("2B-M2048-residual", "fp32", dict(rows=2048, n=2048, residual=True)),
+          ("wide-12800-looped-layer-scale", "bf16", dict(rows=64, n=12800, residual=True, scale=True)))],
+    # Fused layer-scaled residual add + LayerNorm: InternViT-300M (1024 wide: 2 rows per program), 13 tiles, with
+    # ls and bias, plain (the first norm1); a 12800-wide row for the looped (Chan-merged) path.
+    *[dict(id=f"layer_norm-{name}-{dtype}", build="layer_norm", params=dict(dtype=dtype, **params),
+           kernels=["_layer_norm_kernel"])
+      for name, dtype, params in (
+          ("vit300M-13tiles-layer-scale", "bf16", dict(rows=13 * 1025, n=1024, residual=True, scale=True)),
+          ("vit300M-13tiles-layer-scale", "fp16", dict(rows=13 * 1025, n=1024, residual=True, scale=True)),
+          ("vit300M-13tiles", "bf16", dict(rows=13 * 1025, n=1024)),
+          ("wide-12800-looped-layer-scale", "bf16", dict(rows=64, n=12800, residual=True, scale=True)))],
+    # silu(gate) * up on the gate_up GEMM output: InternLM2-20B (I 16384) prefill and decode, Phi-3-mini and
+    # InternLM2-1.8B (I 8192); the two-tensor form (InternLM2 with int8 w1 / w3).
+    *[dict(id=f"silu_mul-{name}-{dtype}", build="silu_mul", params=dict(dtype=dtype, **params),
+           kernels=["_silu_mul_kernel"])
+      for name, dtype, params in (
+          ("20B-M2048", "bf16", dict(rows=2048, width=16384)),
+          ("20B-M1", "bf16", dict(rows=1, width=16384)),
+          ("phi3-M2048", "fp16", dict(rows=2048, width=8192)),
+          ("20B-M8-pair", "bf16", dict(rows=8, width=16384, pair=True)),
+          ("2B-M128", "fp32", dict(rows=128, width=8192)))],
 ]
 
 # Local memory (bytes of spill stores, spill loads, stack frame) a kernel may use on purpose, keyed by kernel
@@ -289,6 +331,46 @@ def build_w8a16_gemm(dtype, M, K, N, bias=False):
     # Not CUDA tensors -> the split-K choice assumes the H100 SXM's 132 SMs (_DEFAULT_SMS).
     with intercept(mod, "_w8a16_gemm_kernel", "_w8a16_splitk_reduce_kernel") as calls:
         mod.w8a16_linear(x, weight, scb, b)
+    return calls
+
+
+def build_rms_norm(dtype, rows, n, residual=False, scale=False, qkv_view=False):
+    from internvl_engine.kernels import rms_norm as mod
+    dt = DTYPES[dtype]
+    if qkv_view:  # InternViT's q: [rows, n] rows of the packed [rows, 3n] qkv projection
+        x = torch.empty(rows, 3 * n, dtype=dt, device=META).reshape(rows, 3, n)[:, 0]
+    else:
+        x = torch.empty(rows, n, dtype=dt, device=META)
+    weight = torch.empty(n, dtype=dt, device=META)
+    res = torch.empty(rows, n, dtype=dt, device=META) if residual else None
+    ls = torch.empty(n, dtype=dt, device=META) if scale else None
+    with intercept(mod, "_rms_norm_kernel") as calls:
+        mod.rms_norm(x, weight, 1e-6, res, ls)
+    return calls
+
+
+def build_layer_norm(dtype, rows, n, residual=False, scale=False):
+    from internvl_engine.kernels import layer_norm as mod
+    dt = DTYPES[dtype]
+    x = torch.empty(rows, n, dtype=dt, device=META)
+    weight = torch.empty(n, dtype=dt, device=META)
+    bias = torch.empty(n, dtype=dt, device=META)
+    res = torch.empty(rows, n, dtype=dt, device=META) if residual else None
+    ls = torch.empty(n, dtype=dt, device=META) if scale else None
+    with intercept(mod, "_layer_norm_kernel") as calls:
+        mod.layer_norm(x, weight, bias, 1e-6, res, ls)
+    return calls
+
+
+def build_silu_mul(dtype, rows, width, pair=False):
+    from internvl_engine.kernels import silu_mul as mod
+    dt = DTYPES[dtype]
+    with intercept(mod, "_silu_mul_kernel") as calls:
+        if pair:
+            mod.silu_mul_pair(torch.empty(rows, width, dtype=dt, device=META),
+                              torch.empty(rows, width, dtype=dt, device=META))
+        else:
+            mod.silu_mul(torch.empty(rows, 2 * width, dtype=dt, device=META))
     return calls
 
 

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from internvl_engine import ImageLoadError, load_image
-from internvl_engine.preprocessing.device import load_image_on_device
+from internvl_engine.preprocessing.device import DeviceTiler, host_image, load_image_on_device
+from internvl_engine.preprocessing.tiling import plan_tiles
 
 from golden_utils import image_path
 
@@ -37,3 +38,21 @@ def test_bad_inputs(tmp_path):
         load_image_on_device(tmp_path / "missing.png", "cpu")
     with pytest.raises(ValueError, match="backend"):
         load_image_on_device(image_path("sq448"), "cpu", backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_tiler_matches_load_image(dtype):
+    """The engine's path: host_image (the workers' uint8 copy) -> DeviceTiler (upload + tile_norm), several images
+    in one call, in the model's dtype: load_image's tiles cast by torch."""
+    images = [Image.new("RGB", (37, 23), (200, 30, 90)), Image.effect_mandelbrot((50, 61), (-2, -1.5, 1, 1.5), 40)]
+    held, expected = [], []
+    for image in images:
+        rgb = image.convert("RGB")
+        plan = plan_tiles(rgb.width, rgb.height, 1, 6, 28, True)
+        held.append(host_image(rgb.tobytes(), rgb.width, rgb.height, plan, 28))
+        expected.append(load_image(rgb, input_size=28, max_num=6).to(dtype))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for use_triton in (True, False):
+        tiles = DeviceTiler(device, dtype, use_triton).tiles(held)
+        assert [t.dtype for t in tiles] == [dtype] * len(images)
+        assert all(torch.equal(t.cpu(), e) for t, e in zip(tiles, expected))

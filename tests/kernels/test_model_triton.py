@@ -1,7 +1,9 @@
 """The whole chat on the "triton" backend (kernels under the interpreter on CPU) gives the torch backend's tokens.
 
-Both run on the engine's paged KV cache. Triton path: ViT attention kernel, fused pixel unshuffle + LayerNorm,
-the paged-decode kernel. Torch path: the reference modules and the paged-decode reference.
+Both run on the engine's paged KV cache. Triton path: ViT attention kernel, the ViT's norms fused with the
+layer-scaled residual adds (rms_norm / layer_norm kernels, q/k norms too), fused pixel unshuffle + LayerNorm, the
+LLM's norms (ffn / post-attention norm fused with the attention residual), one gate_up GEMM and the silu * up
+kernel, the paged prefill and decode kernels. Torch path: the reference modules and the attention references.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 from internvl_engine import AutoModel, AutoTokenizer, load_image
+from internvl_engine.kernels import layer_norm, rms_norm, silu_mul
 
 from golden_utils import MODELS, checkpoint, golden_json, image_path, rel_l2
 
@@ -68,3 +71,54 @@ def test_batch_chat_on_the_kernels_gives_the_official_responses():
     reference, _ = load(name, "torch")
     assert responses == reference.batch_chat(tokenizer, None, questions, dict(call["generation_config"]))
     assert responses[1] == reference.chat(tokenizer, None, questions[1], dict(call["generation_config"]))
+
+
+@pytest.fixture()
+def kernel_calls(monkeypatch):
+    """Counts the calls of the fused layer kernels (the models import them at call time)."""
+    calls: dict[str, int] = {}
+
+    def counted(module, name):
+        fn = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+
+    for module, name in ((rms_norm, "rms_norm"), (layer_norm, "layer_norm"), (silu_mul, "silu_mul"),
+                         (silu_mul, "silu_mul_pair")):
+        counted(module, name)
+    return calls
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fused_layers_run_on_the_triton_backend_only(name, kernel_calls):
+    """The ViT (norms with the layer-scaled residual adds) and the LLM (norms, one gate_up GEMM, silu * up) run
+    the fused kernels on "triton" and agree with the torch path; "torch" calls none of them."""
+    model, tokenizer = load(name, "triton")
+    reference, _ = load(name, "torch")
+    vision = model.config.vision
+    layers = vision.num_hidden_layers
+    pixel_values = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(0))
+    features = model.extract_feature(pixel_values)
+    # Per layer: norm1 (fused with the previous layer's ls2 add from the second layer on) and norm2 (fused with
+    # the ls1 add), plus q_norm and k_norm over the whole width with qk normalisation.
+    kernel = "rms_norm" if vision.norm_type == "rms_norm" else "layer_norm"
+    assert kernel_calls == {kernel: layers * (4 if vision.qk_normalization else 2)}
+    assert rel_l2(features, reference.extract_feature(pixel_values)) < 1e-5
+
+    kernel_calls.clear()
+    config = dict(max_new_tokens=3, do_sample=False)
+    response = model.chat(tokenizer, None, "Hello, who are you?", dict(config))
+    assert response == reference.chat(tokenizer, None, "Hello, who are you?", dict(config))
+    decoder = model.language_model.decoder_layers
+    steps = 3  # a prefill and two decode steps (the final norm stays a torch module)
+    assert kernel_calls == {"rms_norm": 2 * len(decoder) * steps, "silu_mul": len(decoder) * steps}
+    if hasattr(decoder[0], "feed_forward"):  # InternLM2: w1 / w3 loaded into one storage, one GEMM
+        assert all(layer.feed_forward.gate_up_weight() is not None for layer in decoder)
+
+    kernel_calls.clear()
+    reference.extract_feature(pixel_values)
+    reference.chat(tokenizer, None, "Hello, who are you?", dict(config))
+    assert kernel_calls == {}

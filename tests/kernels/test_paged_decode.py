@@ -145,19 +145,19 @@ def test_int64_offsets():
         check(q, k, v, table, lens, ref_inputs=ref_inputs, num_splits=num_splits)
 
 
-# Sliding window (Phi-3): (seq_lens, block_size, num_kv_heads, group, head_dim, num_splits, window). With forced
-# splits of whole blocks, the long sequences' first splits lie wholly before their windows (leading empty splits,
-# besides the empty ones past the short sequences' ends), and windows start mid-block.
+# Sliding window (Phi-3): (seq_lens, block_size, num_kv_heads, group, head_dim, num_splits, window). The splits
+# divide each sequence's window [len - w, len) only, so windows start mid-block and mid-tile, and the short
+# sequences leave most splits empty.
 WINDOW_CASES = [
-    # tokens_per_split 48: len 100 keeps only split 2 ([96, 144), from 99); len 64 only split 1.
     pytest.param([37, 1, 64, 100], 16, 2, 6, 32, 4, 1, id="w1-gqa6-split4"),
-    # One block per split: len 70 with w 5 starts in split 4 (splits 0-3 empty); len 5 == w.
     pytest.param([5, 48, 17, 70], 16, 3, 1, 32, 8, 5, id="w5-mha-split8"),
-    # w 17 is not a multiple of the page: windows [83, 100) and [47, 64) start mid-block and cross splits.
+    # w 17 is not a multiple of the page: windows [83, 100) and [47, 64) start mid-block.
     pytest.param([33, 64, 100], 16, 2, 4, 96, 3, 17, id="w17-gqa4-d96-split3"),
     pytest.param([40, 17, 3], 16, 4, 1, 96, None, 17, id="w17-phi3-mha-d96-auto"),
     pytest.param([77, 50, 6], 32, 2, 2, 64, 2, 40, id="w40-gqa2-bs32-midblock"),
     pytest.param([20, 9], 16, 1, 3, 24, 2, 21, id="w21>context-gqa3-d24"),
+    # MHA tiles of 32 tokens: the 70-key window of the 300-token sequence fills 3 of 8 splits, from key 230.
+    pytest.param([300, 31], 16, 2, 1, 32, 8, 70, id="w70-mha-split8-three-splits"),
 ]
 
 
@@ -181,9 +181,9 @@ def poison_before_windows(q, k, v, table, lens, window):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sliding_window_auto_splits_skip_blocks(dtype):
-    """Phi-3 shape (MHA, head_dim 96), a long context that the automatic choice splits in 256-token splits; w 300:
-    the query at 999 sees [700, 1000), so splits 0 and 1 are empty; every block wholly before the window is NaN
-    (never loaded), and the result matches the references on the clean cache."""
+    """Phi-3 shape (MHA, head_dim 96), a table long enough for the automatic choice to split; w 300: the query at
+    999 sees [700, 1000), which the splits divide (>= 256 tokens each: two of them); every block wholly before
+    the window is NaN (never loaded), and the result matches the references on the clean cache."""
     seq_lens, window = [1000, 290], 300
     assert choose_num_splits(2, 2, -(-1000 // 16) + 2, 16)[0] > 2
     clean = make_case(seq_lens, 16, 2, 1, 96, dtype, seed=12)
@@ -192,12 +192,73 @@ def test_sliding_window_auto_splits_skip_blocks(dtype):
 
 
 def test_sliding_window_many_splits():
-    """48 one-block splits (SPLIT_TILE 32 per merge step of the reduce pass): w 50 keeps splits 40-43 of the
-    700-token sequence (the first valid split beyond a whole SPLIT_TILE of empty ones), w 600 keeps splits 6-43
-    (merged in two steps, 6-37 and 38-43); the 30-token sequence, shorter than either window, fills splits 0-1."""
-    clean = make_case([700, 30], 16, 1, 2, 16, torch.float32, seed=13)
-    for window in (50, 600):
+    """48 splits of whole 64-token tiles (GQA 2): w 2500 over the 3000-token sequence fills 40 of them (the
+    reduce pass merges them in two steps of SPLIT_TILE 32), w 50 one; the 30-token sequence, shorter than
+    either window, fills one. Blocks before the windows are NaN."""
+    clean = make_case([3000, 30], 16, 1, 2, 16, torch.float32, seed=13)
+    for window in (50, 2500):
         check(*poison_before_windows(*clean, window), ref_inputs=clean[1:4], num_splits=48, sliding_window=window)
+
+
+def valid_splits(span: int, num_splits: int, min_split_tokens: int, tile_n: int) -> int:
+    """How many splits hold keys of a sequence attending to `span` keys (the kernels' rule, in Python)."""
+    tokens = max(min_split_tokens, -(-(-(-span // num_splits)) // tile_n) * tile_n)
+    return -(-span // tokens)
+
+
+class NaNScratch:
+    """Stands in for the split kernel: fills the scratch (acc, m, l) with NaN before each launch and keeps it."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.scratch = kernel, None
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.scratch = args[6:9]  # acc [seqs, heads, splits, d], m and l [seqs, heads, splits]
+            for tensor in self.scratch:
+                tensor.fill_(float("nan"))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+# (seq_lens, group, head_dim, num_splits, window): a grid sized for a long table (the CUDA graph's) over short
+# contexts: most splits are empty.
+EMPTY_SPLIT_CASES = [
+    pytest.param([1, 37, 300, 1000, 2], 6, 32, None, None, id="gqa6-auto"),
+    pytest.param([1, 37, 300, 1000, 2], 1, 32, None, None, id="mha-auto"),
+    pytest.param([5, 130, 700], 2, 16, 16, None, id="gqa2-split16"),
+    pytest.param([5, 130, 700], 1, 96, 16, 90, id="mha-d96-split16-w90"),
+]
+
+
+@pytest.mark.parametrize("seq_lens,group,head_dim,num_splits,window", EMPTY_SPLIT_CASES)
+def test_empty_splits_store_nothing_and_are_not_read(monkeypatch, seq_lens, group, head_dim, num_splits, window):
+    """The scratch of every split past a sequence's keys keeps its NaN sentinel (nothing stored there), the
+    valid splits are written, and the result equals the references (pass 2 never read a NaN)."""
+    from internvl_engine.kernels import paged_decode as module
+
+    block_size, num_kv_heads = 16, 2
+    case = make_case(seq_lens, block_size, num_kv_heads, group, head_dim, torch.float32, seed=21, extra_cols=250)
+    table = case[3]
+    splits = num_splits or choose_num_splits(len(seq_lens), num_kv_heads, table.shape[1], block_size)[0]
+    assert splits >= 8
+    sentinel = NaNScratch(module._paged_decode_split_kernel)
+    monkeypatch.setattr(module, "_paged_decode_split_kernel", sentinel)
+    check(*case, num_splits=num_splits, sliding_window=window)
+    acc, m, l = sentinel.scratch
+    assert acc.shape[2] == splits
+    head_dim_pad = max(16, 1 << (head_dim - 1).bit_length())
+    tile_n = module._launch_config(head_dim_pad, group > 1)[0]
+    min_tokens = 0 if num_splits is not None else -(-module._MIN_SPLIT_TOKENS // tile_n) * tile_n
+    empty = 0
+    for s, length in enumerate(seq_lens):
+        span = length if window is None else min(length, window)
+        valid = valid_splits(span, splits, min_tokens, tile_n)
+        assert 1 <= valid <= splits
+        assert not m[s, :, :valid].isnan().any() and not acc[s, :, :valid].isnan().any()
+        assert m[s, :, valid:].isnan().all() and l[s, :, valid:].isnan().all() and acc[s, :, valid:].isnan().all()
+        empty += splits - valid
+    assert empty > len(seq_lens) * splits // 2  # most of the grid had nothing to do
 
 
 def test_window_longer_than_context_is_no_window():

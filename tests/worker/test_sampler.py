@@ -142,3 +142,104 @@ def test_a_row_with_nothing_left_to_draw_fails_alone():
     logits[0] = float("-inf")  # every token masked
     tokens = sample_batch(logits, [row(generator=seeded(1)), row(generator=seeded(2))])
     assert tokens[0] is None and isinstance(tokens[1], int)
+
+
+# --- the batched draw (official_draw=False: no per-row loop, no host sync) -------------------------------------
+
+
+def raced(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, penalty: float = 1.0, seen=(),
+          generator: torch.Generator | None = None, bias=()) -> RowSampling:
+    return RowSampling(temperature, top_k, top_p, penalty, list(seen), generator, bias, official_draw=False)
+
+
+def test_batched_greedy_rows_are_the_exact_argmax():
+    torch.manual_seed(4)
+    logits = torch.randn(5, 300)
+    tokens = sample_batch(logits, [raced(temperature=0.0)] * 5)
+    assert tokens == logits.argmax(-1).tolist()
+
+
+def test_a_seeded_row_draws_the_same_token_in_any_batch():
+    """Its noise comes from its own generator only: neighbours (seeded, unseeded, greedy, official), their number
+    and its position change nothing."""
+    torch.manual_seed(5)
+    logits = torch.randn(5, 500)  # the neighbours' rows
+    target = torch.randn(500)
+    for trial in range(5):
+        alone = sample_batch(target[None], [raced(0.9, top_k=50, generator=seeded(100 + trial))])[0]
+        neighbours = [raced(generator=seeded(7)), raced(), raced(temperature=0.0), row(generator=seeded(8)), raced()]
+        for position in (0, 2, 5):
+            rows = neighbours[:position] + [raced(0.9, top_k=50, generator=seeded(100 + trial))] + neighbours[position:]
+            batch = torch.cat([logits[:position], target[None], logits[position:]])
+            assert sample_batch(batch, rows)[position] == alone, (trial, position)
+
+
+def test_the_batched_draw_follows_the_filtered_distribution():
+    """Exponential race over many seeded rows = a draw from softmax(logits / T) after top-k / top-p: frequencies
+    within 5 sigma of the probabilities, and never a filtered token."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    draws = 4000
+    rows = [raced(0.7, top_k=4, generator=seeded(index)) for index in range(draws)]
+    tokens = sample_batch(logits.expand(draws, -1).contiguous(), rows)
+    probs = warp(logits, temperature=0.7, top_k=4).softmax(-1)[0].double()
+    counts = torch.bincount(torch.tensor(tokens), minlength=6).double()
+    assert counts[4:].sum() == 0  # filtered by top-k
+    sigma = (draws * probs * (1 - probs)).sqrt()
+    assert ((counts - draws * probs).abs() <= 5 * sigma + 1).all(), (counts, draws * probs)
+    unseeded = sample_batch(logits.expand(draws, -1).contiguous(), [raced(0.7, top_p=0.5)] * draws)
+    kept = torch.isfinite(warp(logits, temperature=0.7, top_p=0.5))[0]
+    assert all(kept[token] for token in unseeded) and len(set(unseeded)) == int(kept.sum())
+
+
+def test_the_batched_draw_consumes_the_stream_multinomial_would():
+    """torch.multinomial draws one sample as argmax(p / q) with q ~ Exp(1) from its generator: the batched draw
+    uses the same noise, so a seeded request's tokens, and unseeded rows' global stream, are the ones the
+    per-generator multinomial gave (documented in the sampler; pinned here for this torch version)."""
+    torch.manual_seed(6)
+    logits = torch.randn(4, 80)
+    probs = warp(logits[[0, 2]], temperature=0.8, top_k=30).softmax(-1)
+    expected = torch.multinomial(probs[:1], 1, generator=seeded(3)).item()
+    assert sample_batch(logits[:1], [raced(0.8, top_k=30, generator=seeded(3))]) == [expected]
+    torch.manual_seed(11)
+    expected = torch.multinomial(probs, 1).squeeze(1).tolist()
+    torch.manual_seed(11)
+    tokens = sample_batch(logits, [raced(0.8, top_k=30), raced(0.0), raced(0.8, top_k=30), raced(0.0)])
+    assert [tokens[0], tokens[2]] == expected
+
+
+def test_official_rows_keep_the_multinomial_draw_beside_batched_rows(monkeypatch):
+    """Rows marked official_draw (the model card's) go through torch.multinomial, one call per generator in row
+    order, bit-for-bit as before, whatever batched rows share the step; batched rows never call it."""
+    torch.manual_seed(7)
+    logits = torch.randn(5, 90)
+    generator = seeded(21)
+    rows = [row(generator=generator), raced(generator=seeded(1)), row(temperature=0.0), raced(),
+            row(generator=generator)]
+    calls = []
+    multinomial = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda *a, **k: calls.append(a[0].shape) or multinomial(*a, **k))
+    tokens = sample_batch(logits, rows)
+    assert calls == [torch.Size([2, 90])]
+    expected = multinomial(logits[[0, 4]].softmax(-1), 1, generator=seeded(21)).squeeze(1).tolist()
+    assert [tokens[0], tokens[4]] == expected
+    calls.clear()
+    sample_batch(logits, [raced(generator=seeded(index)) for index in range(5)])
+    assert calls == []
+
+
+def test_penalties_of_many_rows_equal_each_rows_own_penalty():
+    """One gather/scatter per penalty value over rows of different lengths (padded by repeats) and repeated ids
+    gives each row's own penalty: greedy tokens on the penalised logits."""
+    torch.manual_seed(8)
+    logits = torch.randn(6, 40) * 3
+    settings = [(1.3, [0, 5, 5, 9]), (1.3, [1]), (0.7, [2, 3, 4, 5, 6, 7, 8]), (1.0, [1, 2]), (1.3, []),
+                (2.0, list(range(40)))]
+    rows = [raced(temperature=0.0, penalty=penalty, seen=seen) for penalty, seen in settings]
+    expected = []
+    for index, (penalty, seen) in enumerate(settings):
+        one = logits[index: index + 1]
+        if seen:
+            one = apply_repetition_penalty(one, torch.tensor([sorted(set(seen))]), penalty)
+        expected.append(int(one.argmax()))
+    assert sample_batch(logits, rows) == expected
+    assert sample_batch(logits, [row(temperature=0.0, penalty=p, seen=s) for p, s in settings]) == expected
