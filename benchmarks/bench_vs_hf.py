@@ -33,6 +33,7 @@ batch_chat gives a text-only row an empty image (`<img></img>`), so that row dif
 """
 from __future__ import annotations
 
+import abc
 import argparse
 import dataclasses
 import hashlib
@@ -276,7 +277,7 @@ class Mode:
     setup: Callable[[], None] = lambda: None  # a fresh engine: no cache hits from an earlier mode
 
 
-class Side:
+class Side(abc.ABC):
     """One side's model and its modes (`chat` one request at a time, then batches)."""
 
     def __init__(self, spec: dict) -> None:
@@ -317,8 +318,9 @@ class Side:
                             "peak_memory_bytes": memory, "memory_kind": memory_kind})
         return results
 
+    @abc.abstractmethod
     def modes(self, items: list[Item]) -> list[Mode]:
-        raise NotImplementedError
+        """What this side runs: (name, batch size) modes over `items`."""
 
 
 def largest(items: list[Item]) -> list[Item]:

@@ -6,6 +6,7 @@ A subclass provides its token embedding (`embed`), its decoder layers and final 
 """
 from __future__ import annotations
 
+import abc
 from typing import Protocol
 
 import torch
@@ -16,14 +17,15 @@ class KVCacheLike(Protocol):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 
-class CausalLM(nn.Module):
+class CausalLM(nn.Module, abc.ABC):
     rotary: nn.Module
     decoder_layers: nn.ModuleList
     final_norm: nn.Module
     output: nn.Linear
 
+    @abc.abstractmethod
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """input_ids [batch, seq] -> embeddings [batch, seq, H]."""
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, cache: KVCacheLike,
                 rope_lengths: list[int] | torch.Tensor, output_hidden_states: bool = False

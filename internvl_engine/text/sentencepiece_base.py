@@ -16,6 +16,7 @@ special (`_special_token_values`, `_skipped_ids`) and which stay standalone when
 """
 from __future__ import annotations
 
+import abc
 import numbers
 import re
 from typing import Any, Iterable, Sequence
@@ -34,7 +35,7 @@ def _token_id(attribute: str) -> property:
                     doc=f"Id of `{attribute}` (None when it is unset).")
 
 
-class SentencePieceTokenizerBase:
+class SentencePieceTokenizerBase(abc.ABC):
     """The shared part of the slow sentencepiece tokenizers; see the module docstring for what a subclass adds."""
 
     sp_model: spm.SentencePieceProcessor
@@ -94,9 +95,9 @@ class SentencePieceTokenizerBase:
     def added_tokens_decoder(self) -> dict[int, AddedToken]:
         return dict(sorted(self._added_decoder.items()))
 
+    @abc.abstractmethod
     def _special_token_values(self) -> list[str]:
         """The special token strings in transformers' order, repeats allowed (the subclass decides which)."""
-        raise NotImplementedError
 
     @property
     def all_special_tokens(self) -> list[str]:
@@ -165,8 +166,9 @@ class SentencePieceTokenizerBase:
             return None if tokens is None else self._token_to_id(tokens)
         return [self._token_to_id(t) for t in tokens]
 
+    @abc.abstractmethod
     def build_inputs_with_special_tokens(self, ids: list[int]) -> list[int]:
-        raise NotImplementedError
+        """`ids` with the BOS/EOS the tokenizer's flags add."""
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Ids of `text`, with bos/eos as add_bos_token/add_eos_token say unless add_special_tokens=False."""
@@ -240,8 +242,9 @@ class SentencePieceTokenizerBase:
     def _standalone_tokens(self) -> set[str]:
         return self._find_standalone_tokens(set(self.all_special_tokens))
 
+    @abc.abstractmethod
     def convert_tokens_to_string(self, tokens: Sequence[str]) -> str:
-        raise NotImplementedError
+        """Pieces back to text, by the tokenizer's own decoding rules."""
 
     def decode(self, ids: Any, skip_special_tokens: bool = False, spaces_between_special_tokens: bool = True,
                clean_up_tokenization_spaces: bool | None = None) -> str:
