@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_offline import synthetic  # noqa: E402
-from bench_args import HelpWithDefaults  # noqa: E402
+from bench_args import HelpWithDefaults, int_list_or_empty as int_list  # noqa: E402
 from results_dir import default_output, prepare_output  # noqa: E402
 from vit_stall import StallRow, percentile, run_study, table  # noqa: E402
 
@@ -215,16 +215,6 @@ def plot(tile_rows: list[TileRow], stall_rows: list[StallRow], stem: Path) -> li
         plt.close(figure)
         written.append(path)
     return written
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(value) for value in text.split(",") if value.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a comma list of positive integers (got {text})") from None
-    if any(value < 1 for value in values):
-        raise argparse.ArgumentTypeError(f"must be a comma list of positive integers (got {text})")
-    return values
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -54,7 +54,7 @@ from typing import Any, Callable
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
 sys.path.insert(0, str(BENCHMARKS))
-from bench_args import HelpWithDefaults  # noqa: E402
+from bench_args import HelpWithDefaults, int_list  # noqa: E402
 from results_dir import RESULTS_DIR, default_output, prepare_output  # noqa: E402
 
 SYNTHETIC_SIZES = {"4k": (3840, 2160), "1080p": (1920, 1080), "720p": (1280, 720)}
@@ -673,16 +673,6 @@ def plots(entries: list[dict], stem: Path) -> list[str]:
     figure.savefig(written[-1], dpi=120)
     plt.close(figure)
     return written
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(value) for value in text.split(",") if value.strip()]
-    except ValueError:
-        values = []
-    if not values or any(value < 1 for value in values):
-        raise argparse.ArgumentTypeError(f"must be a comma list of positive integers (got {text})")
-    return values
 
 
 def build_parser() -> argparse.ArgumentParser:

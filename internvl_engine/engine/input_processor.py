@@ -18,8 +18,6 @@ its header, and the prompt's length in tokens (images included) before any image
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ import torch
 from PIL import Image
 
 from ..config import InternVLConfig
+from ..preprocessing.data_url import data_url_bytes
 from ..preprocessing.cpu import image_to_pixel_values
 from ..preprocessing.device import HostImage, host_image
 from ..preprocessing.image_io import ImageLimits, ImageLoadError, ImageTooLargeError, OpenedImage, open_image
@@ -110,21 +109,8 @@ def _messages_to_turns(messages: Sequence[Mapping[str, Any]], request: Mapping[s
 def decode_data_url(url: str, max_bytes: int | None = None) -> bytes:
     """The bytes of a `data:<mime>;base64,<payload>` URL; ImageTooLargeError past `max_bytes` (checked before
     decoding), ImageLoadError for anything malformed."""
-    header, comma, payload = url.partition(",")
-    if not comma or not header.endswith(";base64"):
-        raise ImageLoadError("an image data URL must look like data:image/png;base64,<base64 bytes>")
-    if max_bytes is not None and len(payload) * 3 // 4 > max_bytes + 2:
-        raise ImageTooLargeError(f"the image is about {len(payload) * 3 // 4} bytes, over the limit of {max_bytes}",
-                                 "max_image_bytes")
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise ImageLoadError(f"invalid base64 in the image data URL ({err})") from None
-    if not data:
-        raise ImageLoadError("the image data URL is empty")
-    if max_bytes is not None and len(data) > max_bytes:
-        raise ImageTooLargeError(f"the image is {len(data)} bytes, over the limit of {max_bytes}", "max_image_bytes")
-    return data
+    return data_url_bytes(url, "image", "data:image/png;base64,<base64 bytes>", max_bytes, ImageLoadError,
+                          lambda message: ImageTooLargeError(message, "max_image_bytes"))
 
 
 def _decode_image_source(source: Any) -> Any:

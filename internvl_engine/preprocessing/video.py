@@ -23,8 +23,6 @@ raises `VideoLoadError` naming the input (`VideoTooLargeError`, with `.limit`, f
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import math
 import os
@@ -37,6 +35,7 @@ import torch
 from PIL import Image
 
 from ..text.templates import IMAGE_PLACEHOLDER
+from .data_url import data_url_bytes
 
 VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
@@ -373,22 +372,8 @@ def load_video(video: VideoSource, num_segments: int = DEFAULT_NUM_FRAMES, max_n
 def decode_video_data_url(url: str, max_bytes: int | None = None) -> bytes:
     """The bytes of a `data:video/...;base64,...` URL; VideoTooLargeError past `max_bytes` (checked before
     decoding the base64), VideoLoadError for anything malformed."""
-    header, comma, payload = url.partition(",")
-    if not comma or not header.endswith(";base64"):
-        raise VideoLoadError("a video data URL must look like data:video/mp4;base64,<base64 bytes>")
-    if max_bytes is not None and len(payload) * 3 // 4 > max_bytes + 2:
-        raise VideoTooLargeError(f"the video is about {len(payload) * 3 // 4} bytes, over the limit of {max_bytes} "
-                                 "(max_video_bytes)", "max_video_bytes")
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise VideoLoadError(f"invalid base64 in the video data URL ({err})") from None
-    if not data:
-        raise VideoLoadError("the video data URL is empty")
-    if max_bytes is not None and len(data) > max_bytes:
-        raise VideoTooLargeError(f"the video is {len(data)} bytes, over the limit of {max_bytes} (max_video_bytes)",
-                                 "max_video_bytes")
-    return data
+    return data_url_bytes(url, "video", "data:video/mp4;base64,<base64 bytes>", max_bytes, VideoLoadError,
+                          lambda message: VideoTooLargeError(f"{message} (max_video_bytes)", "max_video_bytes"))
 
 
 # ---- engine requests: a video is its sampled frames, each an image of the request ----
